@@ -1,0 +1,57 @@
+"""The one interface every store implements.
+
+The engine talks only to this interface; which store sits behind it (memory, the embedded
+file log, later a database) is chosen once at start-up.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Iterator
+
+from .records_pb2 import LogRecord
+
+
+class StorageError(Exception):
+    """A record could not be made durable. The caller must not acknowledge it."""
+
+
+@dataclasses.dataclass
+class RecoveryReport:
+    """What `open()` found on disk, for the start-up log line."""
+
+    sessions: int = 0
+    records: int = 0
+    dropped_records: int = 0
+    dropped_bytes: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+class Store(abc.ABC):
+    #: True when `append` returns only after the record is on stable storage.
+    durable: bool = False
+
+    @abc.abstractmethod
+    def open(self) -> RecoveryReport:
+        """Prepare the store and index what it already holds. Called once before any other call."""
+
+    @abc.abstractmethod
+    def replay(self) -> Iterator[tuple[str, list[LogRecord]]]:
+        """Every stored session with its records in append order, sessions in first-append order."""
+
+    @abc.abstractmethod
+    def append(self, record: LogRecord) -> int:
+        """Append one record to its session's history and return its 0-based index there.
+
+        Returns only once the record is durable (for a durable store). Raises StorageError when it is
+        not; in that case the record must not appear in any later history or replay.
+        Safe to call from many threads at once; records of one session keep their call order.
+        """
+
+    @abc.abstractmethod
+    def history(self, session_id: str) -> list[LogRecord]:
+        """The session's records in append order ([] when unknown)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and release files. Further calls are errors."""
