@@ -1,0 +1,10 @@
+"""Mode specs: YAML text -> checked model -> compiled `transitions` machine.
+
+The loader never executes anything and the compiler never reads files; `runtime/` only executes the
+compiled result. See `specs/README.md` for the spec format.
+"""
+from .errors import SpecError
+from .loader import load_spec_file, load_spec_text
+from .compiler import CompiledMode, compile_spec, load_modes
+
+__all__ = ["SpecError", "load_spec_file", "load_spec_text", "CompiledMode", "compile_spec", "load_modes"]

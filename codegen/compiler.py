@@ -1,0 +1,459 @@
+"""Check a loaded spec and compile it into one shared `transitions` machine plus hook tables.
+
+`compile_spec` is called once per mode when the runtime starts (or when a mode is registered);
+sessions never construct machines: each session only holds its current phase and mode state, and
+the engine fires the shared machine's events against it.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import importlib.util
+import os
+import pkgutil
+from typing import Any, Callable
+
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+from transitions import Machine
+
+from macp.v1 import core_pb2
+
+from ..specs import SPECS_DIR
+from ..specs.hooks.context import HookContext, Reject
+from .errors import SpecError
+from .loader import LineDict, load_spec_file
+from .model import BUILTIN_ROLES, Branch, Guard, PayloadBinding, Transition
+
+HOOKS_PACKAGE = "macp_runtime.specs.hooks"
+TOP_KEYS = {
+    "spec_version", "mode", "version", "standards_track", "strict_start", "descriptor", "hooks",
+    "payloads", "roles", "session_start", "state", "phases", "unlisted_messages", "transitions", "commitment",
+    "list_position",
+}
+REQUIRED_TOP = ("spec_version", "mode", "version", "descriptor", "phases", "transitions", "commitment")
+DESCRIPTOR_KEYS = {
+    "title", "description", "determinism_class", "participant_model", "message_types",
+    "terminal_message_types", "schema_uris",
+}
+TRANSITION_KEYS = {"message", "from", "to", "senders", "guards", "effects"}
+COMMITMENT_KEYS = TRANSITION_KEYS | {"ready", "policy", "resolution"}
+GUARD_KEYS = {"check", "reject", "why"}
+
+
+class CompiledMode:
+    """One mode, ready to run. Shared by every session of the mode; holds no session data."""
+
+    def __init__(self, *, name, version, descriptor, standards_track, list_position, strict_start, source, machine,
+                 initial_phase, phases, transitions, roles, unlisted_senders, payloads, start_checks,
+                 initial_state, spec):
+        self.name: str = name
+        self.version: str = version
+        self.descriptor: core_pb2.ModeDescriptor = descriptor
+        self.standards_track: bool = standards_track
+        self.list_position: int = list_position   # ListModes order of the standards-track modes
+        self.strict_start: bool = strict_start
+        self.source: str = source
+        self.machine: Machine = machine
+        self.initial_phase: str = initial_phase
+        self.phases: tuple[str, ...] = phases
+        # message type -> {phase -> Transition}; authorisation is per message type.
+        self.transitions: dict[str, dict[str, Transition]] = transitions
+        self.senders: dict[str, tuple[Callable[[Any, str], bool], ...]] = roles
+        self.unlisted_senders = unlisted_senders
+        self.payloads: dict[str, PayloadBinding] = payloads
+        self.start_checks = start_checks
+        self.initial_state = initial_state
+        self.spec: dict = spec
+        self._events = {msg: machine.events[msg] for msg in transitions}
+
+    # -- the two steps the engine runs around the commit point ------------------------------------
+
+    def evaluate(self, session, sender: str, message_type: str, raw: bytes, timestamp_ms: int):
+        """Judge a message without changing anything. Returns a plan for `apply` or raises Reject."""
+        allowed = self.senders.get(message_type, self.unlisted_senders)
+        if not any(role(session, sender) for role in allowed):
+            raise Reject("Forbidden", detail=f"{sender!r} may not send {message_type}")
+        by_phase = self.transitions.get(message_type)
+        if by_phase is None:
+            raise Reject("InvalidPayload", detail=f"{self.name} has no message type {message_type}")
+        binding = self.payloads[message_type]
+        payload = binding.decode(raw)
+        transition = by_phase.get(session.phase)
+        if transition is None:
+            raise Reject("InvalidPayload", detail=f"{message_type} is not accepted in phase {session.phase}")
+        ctx = HookContext(session, sender, message_type, payload, raw, timestamp_ms)
+        for guard in transition.guards:
+            if not guard.check(ctx):
+                raise Reject(guard.reject, *((guard.why,) if guard.reject == "PolicyDenied" else ()),
+                             detail=guard.why)
+        if transition.commit:
+            if transition.ready is not None and not transition.ready(ctx):
+                raise Reject("InvalidPayload", detail="the session is not ready for a Commitment")
+            if transition.policy is not None:
+                reasons = transition.policy(ctx)
+                if reasons:
+                    raise Reject("PolicyDenied", *reasons)
+        return transition, ctx
+
+    def apply(self, session, plan) -> bytes | None:
+        """Apply an accepted message (after it is durable). Returns resolution bytes when it commits."""
+        transition, ctx = plan
+        for effect in transition.effects:
+            effect(ctx)
+        self._events[transition.message].trigger(session, ctx)
+        if transition.commit:
+            return transition.resolution(ctx) if transition.resolution is not None else ctx.raw
+        return None
+
+    def check_start(self, session) -> None:
+        for check in self.start_checks:
+            if not check(session):
+                raise Reject("InvalidPayload", detail=f"SessionStart refused by {self.name}")
+
+
+# --- compilation ---------------------------------------------------------------------------------
+
+class _Ctx:
+    """Error context while compiling one file."""
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def fail(self, node: Any, path: str, message: str, key: Any = None) -> SpecError:
+        line = None
+        if isinstance(node, LineDict):
+            line = node.lines.get(key, node.line) if key is not None else node.line
+        return SpecError(self.file, path, message, line)
+
+
+def _proto_pool():
+    import macp
+
+    for info in pkgutil.walk_packages(macp.__path__, "macp."):
+        if info.name.endswith("_pb2"):
+            importlib.import_module(info.name)
+    return descriptor_pool.Default()
+
+
+_POOL = None
+
+
+def _message_class(full_name: str):
+    global _POOL
+    if _POOL is None:
+        _POOL = _proto_pool()
+    try:
+        desc = _POOL.FindMessageTypeByName(full_name)
+    except KeyError:
+        return None
+    return message_factory.GetMessageClass(desc)
+
+
+def _proto_decoder(cls) -> Callable[[bytes], Any]:
+    from_string = cls.FromString
+
+    def decode(raw: bytes):
+        try:
+            return from_string(raw)
+        except (DecodeError, ValueError, UnicodeDecodeError):
+            raise Reject("InvalidPayload", detail=f"payload is not a valid {cls.DESCRIPTOR.full_name}") from None
+
+    return decode
+
+
+class _HookResolver:
+    def __init__(self, ctx: _Ctx, spec_dir: str, module_ref: str | None):
+        self.ctx = ctx
+        self.modules = []
+        if module_ref:
+            self.modules.append(self._load(module_ref, spec_dir))
+        self.common = importlib.import_module(f"{HOOKS_PACKAGE}.common")
+
+    def _load(self, ref: str, spec_dir: str):
+        try:
+            if ref.endswith(".py"):
+                path = ref if os.path.isabs(ref) else os.path.join(spec_dir, ref)
+                name = "macp_runtime_user_hooks_" + os.path.splitext(os.path.basename(path))[0]
+                spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or not os.path.exists(path):
+                    raise ImportError(f"no such file {path}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module
+            return importlib.import_module(f"{HOOKS_PACKAGE}.{ref}")
+        except ImportError as exc:
+            raise SpecError(self.ctx.file, "hooks", f"cannot load hook module {ref!r}: {exc}") from None
+
+    def get(self, node, path: str, name: Any, key=None) -> Callable:
+        if not isinstance(name, str) or not name:
+            raise self.ctx.fail(node, path, "a hook name must be a non-empty string", key)
+        if "." in name:
+            mod_name, _, attr = name.rpartition(".")
+            if mod_name == "common":
+                module = self.common
+            else:
+                try:
+                    module = importlib.import_module(f"{HOOKS_PACKAGE}.{mod_name}")
+                except ImportError:
+                    raise self.ctx.fail(node, path, f"unknown hook module {mod_name!r} in {name!r}", key) from None
+            fn = getattr(module, attr, None)
+        else:
+            fn = None
+            for module in self.modules:
+                fn = getattr(module, name, None)
+                if fn is not None:
+                    break
+        if not callable(fn):
+            raise self.ctx.fail(node, path, f"hook {name!r} does not exist", key)
+        return fn
+
+
+def _require(ctx: _Ctx, node: dict, key: str, path: str, kind, what: str):
+    if key not in node:
+        raise ctx.fail(node, path, f"missing required key {key!r}")
+    value = node[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ctx.fail(node, f"{path}.{key}" if path else key, f"must be {what}", key)
+    return value
+
+
+def _unknown_keys(ctx: _Ctx, node: dict, allowed: set, path: str):
+    for key in node:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise ctx.fail(node, where, f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})", key)
+
+
+def _str_list(ctx: _Ctx, node: dict, key: str, path: str, required=True) -> list[str]:
+    if key not in node:
+        if required:
+            raise ctx.fail(node, path, f"missing required key {key!r}")
+        return []
+    value = node[key]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ctx.fail(node, f"{path}.{key}", "must be a list of strings", key)
+    return value
+
+
+def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = None) -> CompiledMode:
+    """Validate `spec` (as returned by the loader) and build its CompiledMode."""
+    ctx = _Ctx(file)
+    if not isinstance(spec, dict):
+        raise ctx.fail(None, "", "a mode spec must be a mapping")
+    for key in REQUIRED_TOP:
+        if key not in spec:
+            raise ctx.fail(spec, "", f"missing required key {key!r}")
+    _unknown_keys(ctx, spec, TOP_KEYS, "")
+    if spec["spec_version"] != 1:
+        raise ctx.fail(spec, "spec_version", "only spec_version 1 is understood", "spec_version")
+    name = _require(ctx, spec, "mode", "", str, "a string")
+    version = str(spec["version"])
+    overrides = overrides or {}
+    if overrides.get("mode"):
+        name = overrides["mode"]
+    standards_track = bool(spec.get("standards_track", False))
+    list_position = spec.get("list_position", 1000)
+    if not isinstance(list_position, int) or isinstance(list_position, bool):
+        raise ctx.fail(spec, "list_position", "must be an integer", "list_position")
+    strict_start = bool(spec.get("strict_start", True))
+    spec_dir = os.path.dirname(os.path.abspath(file)) if os.path.exists(file) else SPECS_DIR
+    hooks = _HookResolver(ctx, spec_dir, spec.get("hooks"))
+
+    # descriptor
+    desc_node = _require(ctx, spec, "descriptor", "", dict, "a mapping")
+    _unknown_keys(ctx, desc_node, DESCRIPTOR_KEYS, "descriptor")
+    message_types = _str_list(ctx, desc_node, "message_types", "descriptor")
+    terminal_types = _str_list(ctx, desc_node, "terminal_message_types", "descriptor", required=False)
+    for t in terminal_types:
+        if t not in message_types:
+            raise ctx.fail(desc_node, "descriptor.terminal_message_types",
+                           f"terminal message type {t!r} must also appear in message_types", "terminal_message_types")
+    schema_uris = desc_node.get("schema_uris", {}) or {}
+    if not isinstance(schema_uris, dict):
+        raise ctx.fail(desc_node, "descriptor.schema_uris", "must be a mapping", "schema_uris")
+    descriptor = core_pb2.ModeDescriptor(
+        mode=name, mode_version=version,
+        title=str(desc_node.get("title", "")), description=str(desc_node.get("description", "")),
+        determinism_class=str(desc_node.get("determinism_class", "")),
+        participant_model=str(desc_node.get("participant_model", "")),
+        message_types=message_types, terminal_message_types=terminal_types,
+        schema_uris={str(k): str(v) for k, v in schema_uris.items()},
+    )
+
+    # phases
+    phases_node = _require(ctx, spec, "phases", "", dict, "a mapping")
+    _unknown_keys(ctx, phases_node, {"initial", "names"}, "phases")
+    phase_names = _str_list(ctx, phases_node, "names", "phases")
+    if len(set(phase_names)) != len(phase_names):
+        raise ctx.fail(phases_node, "phases.names", "phase names must be unique", "names")
+    initial = _require(ctx, phases_node, "initial", "phases", str, "a phase name")
+    if initial not in phase_names:
+        raise ctx.fail(phases_node, "phases.initial", f"initial phase {initial!r} is not in phases.names", "initial")
+
+    # roles
+    roles_node = spec.get("roles", {}) or {}
+    if not isinstance(roles_node, dict):
+        raise ctx.fail(spec, "roles", "must be a mapping of role name to hook", "roles")
+    role_fns: dict[str, Callable[[Any, str], bool]] = {
+        "initiator": lambda s, sender: sender == s.initiator,
+        "participant": lambda s, sender: sender in s.participant_set,
+        "anyone": lambda s, sender: True,
+    }
+    for role, hook_name in roles_node.items():
+        if role in BUILTIN_ROLES:
+            raise ctx.fail(roles_node, f"roles.{role}", f"{role!r} is a built-in role and cannot be redefined", role)
+        role_fns[role] = hooks.get(roles_node, f"roles.{role}", hook_name, role)
+
+    def senders_of(node, path) -> tuple:
+        names = _str_list(ctx, node, "senders", path)
+        for r in names:
+            if r not in role_fns:
+                raise ctx.fail(node, f"{path}.senders", f"unknown role {r!r} (known: {', '.join(sorted(role_fns))})",
+                               "senders")
+        return tuple(role_fns[r] for r in names), tuple(names)
+
+    # payloads
+    payload_node = spec.get("payloads", {}) or {}
+    if not isinstance(payload_node, dict):
+        raise ctx.fail(spec, "payloads", "must be a mapping of message type to payload message", "payloads")
+    payloads: dict[str, PayloadBinding] = {}
+    for msg, ref in payload_node.items():
+        path = f"payloads.{msg}"
+        if isinstance(ref, dict):
+            _unknown_keys(ctx, ref, {"decode"}, path)
+            fn = hooks.get(ref, f"{path}.decode", ref.get("decode"), "decode")
+            payloads[msg] = PayloadBinding(msg, f"hook:{ref.get('decode')}", fn)
+        elif isinstance(ref, str):
+            cls = _message_class(ref)
+            if cls is None:
+                raise ctx.fail(payload_node, path, f"unknown protobuf message {ref!r}", msg)
+            payloads[msg] = PayloadBinding(msg, ref, _proto_decoder(cls))
+        else:
+            raise ctx.fail(payload_node, path, "must be a protobuf message name or {decode: hook}", msg)
+
+    # session start and state
+    start_node = spec.get("session_start", {}) or {}
+    _unknown_keys(ctx, start_node, {"requires"}, "session_start")
+    start_checks = tuple(hooks.get(start_node, "session_start.requires", h, "requires")
+                         for h in _str_list(ctx, start_node, "requires", "session_start", required=False))
+    state_node = spec.get("state", {}) or {}
+    _unknown_keys(ctx, state_node, {"initial"}, "state")
+    initial_state = (hooks.get(state_node, "state.initial", state_node["initial"], "initial")
+                     if "initial" in state_node else (lambda session: {}))
+
+    unlisted = spec.get("unlisted_messages", {}) or {}
+    _unknown_keys(ctx, unlisted, {"senders"}, "unlisted_messages")
+    unlisted_senders = senders_of(unlisted, "unlisted_messages")[0] if "senders" in unlisted else ()
+
+    # transitions
+    machine = Machine(model=None, states=list(phase_names), initial=initial, auto_transitions=False,
+                      send_event=True, model_attribute="phase", ignore_invalid_triggers=False)
+    transitions: dict[str, dict[str, Transition]] = {}
+    senders: dict[str, tuple] = {}
+    sender_names: dict[str, tuple] = {}
+    nodes = spec["transitions"]
+    if not isinstance(nodes, list):
+        raise ctx.fail(spec, "transitions", "must be a list", "transitions")
+    entries = [(f"transitions[{i}]", node, False) for i, node in enumerate(nodes)]
+    entries.append(("commitment", spec["commitment"], True))
+    for path, node, is_commit in entries:
+        if not isinstance(node, dict):
+            raise ctx.fail(spec, path, "must be a mapping")
+        _unknown_keys(ctx, node, COMMITMENT_KEYS if is_commit else TRANSITION_KEYS, path)
+        msg = _require(ctx, node, "message", path, str, "a message type")
+        if msg == "SessionStart":
+            raise ctx.fail(node, f"{path}.message", "SessionStart is handled by the engine, not by transitions", "message")
+        if msg not in message_types:
+            raise ctx.fail(node, f"{path}.message", f"message type {msg!r} is not in descriptor.message_types", "message")
+        if msg not in payloads:
+            raise ctx.fail(node, f"{path}.message", f"message type {msg!r} has no payload binding in payloads", "message")
+        sources = _str_list(ctx, node, "from", path)
+        for p in sources:
+            if p not in phase_names:
+                raise ctx.fail(node, f"{path}.from", f"unknown phase {p!r}", "from")
+        fns, names = senders_of(node, path)
+        if msg in sender_names and sender_names[msg] != names:
+            raise ctx.fail(node, f"{path}.senders",
+                           f"all transitions on {msg!r} must name the same senders (authorisation runs before the phase is known)",
+                           "senders")
+        senders[msg], sender_names[msg] = fns, names
+        branches = _branches(ctx, hooks, node, path, phase_names)
+        guards = []
+        for gi, g in enumerate(node.get("guards", []) or []):
+            gpath = f"{path}.guards[{gi}]"
+            if not isinstance(g, dict):
+                raise ctx.fail(node, gpath, "a guard must be a mapping with check/reject/why", "guards")
+            _unknown_keys(ctx, g, GUARD_KEYS, gpath)
+            kind = g.get("reject", "InvalidPayload")
+            if kind not in Reject.KINDS:
+                raise ctx.fail(g, f"{gpath}.reject", f"unknown rejection {kind!r} (known: {', '.join(Reject.KINDS)})",
+                               "reject")
+            guards.append(Guard(hooks.get(g, f"{gpath}.check", g.get("check"), "check"), kind,
+                                str(g.get("why", "")), g.get("check")))
+        effect_names = _str_list(ctx, node, "effects", path, required=False)
+        effects = tuple(hooks.get(node, f"{path}.effects", e, "effects") for e in effect_names)
+        t = Transition(message=msg, sources=frozenset(sources), branches=branches, guards=tuple(guards),
+                       effects=effects, effect_names=tuple(effect_names), commit=is_commit)
+        if is_commit:
+            for key in ("ready", "policy", "resolution"):
+                if key in node:
+                    setattr(t, key, hooks.get(node, f"{path}.{key}", node[key], key))
+                    setattr(t, f"{key}_name", node[key])
+        by_phase = transitions.setdefault(msg, {})
+        for p in sources:
+            if p in by_phase:
+                raise ctx.fail(node, f"{path}.from", f"phase {p!r} already has a transition on {msg!r}", "from")
+            by_phase[p] = t
+        for b in branches:
+            cond = [] if b.when is None else [_condition(b.when)]
+            machine.add_transition(msg, sorted(sources), b.phase, conditions=cond)
+
+    return CompiledMode(
+        name=name, version=version, descriptor=descriptor, standards_track=standards_track,
+        list_position=list_position, strict_start=strict_start, source=file, machine=machine, initial_phase=initial,
+        phases=tuple(phase_names), transitions=transitions, roles=senders, unlisted_senders=unlisted_senders,
+        payloads=payloads, start_checks=start_checks, initial_state=initial_state, spec=spec,
+    )
+
+
+def _condition(fn):
+    return lambda event_data: fn(event_data.args[0])
+
+
+def _branches(ctx: _Ctx, hooks: _HookResolver, node: dict, path: str, phase_names) -> tuple[Branch, ...]:
+    if "to" not in node:
+        raise ctx.fail(node, path, "missing required key 'to'")
+    to = node["to"]
+    if isinstance(to, str):
+        to = [{"phase": to}]
+    if not isinstance(to, list) or not to:
+        raise ctx.fail(node, f"{path}.to", "must be a phase name or a list of {phase, when} branches", "to")
+    branches = []
+    for i, b in enumerate(to):
+        bpath = f"{path}.to[{i}]"
+        if not isinstance(b, dict) or "phase" not in b:
+            raise ctx.fail(node, bpath, "a branch must be a mapping with 'phase' (and 'when' except for the last)", "to")
+        _unknown_keys(ctx, b, {"phase", "when"}, bpath)
+        if b["phase"] not in phase_names:
+            raise ctx.fail(b, f"{bpath}.phase", f"unknown phase {b['phase']!r}", "phase")
+        when = hooks.get(b, f"{bpath}.when", b["when"], "when") if "when" in b else None
+        is_last = i == len(to) - 1
+        if when is None and not is_last:
+            raise ctx.fail(b, bpath, "only the last branch may omit 'when'")
+        if when is not None and is_last:
+            raise ctx.fail(b, bpath, "the last branch must not have 'when' (some phase must always follow)")
+        branches.append(Branch(b["phase"], when, b.get("when")))
+    return tuple(branches)
+
+
+def load_modes(directories: list[str] | None = None) -> list[CompiledMode]:
+    """Compile every `*.yaml` spec of the built-in folder, then of each extra directory, in name order."""
+    dirs = [SPECS_DIR] + list(directories or [])
+    modes = []
+    for d in dirs:
+        for path in sorted(glob.glob(os.path.join(d, "*.yaml"))):
+            modes.append(compile_spec(load_spec_file(path), path))
+    return modes

@@ -1,0 +1,69 @@
+"""`macp-runtime` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, from_env
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="run the MACP gRPC server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the MACP runtime daemon (service macp.v1.MACPRuntimeService).\n\n"
+                    "Every flag has an environment variable of the same meaning; a flag wins over its variable.",
+        epilog="examples:\n"
+               "  MACP_ALLOW_INSECURE=1 macp-runtime serve                 # dev: plaintext, dev auth, .macp-data\n"
+               "  macp-runtime serve --allow-insecure --memory-only        # nothing written to disk\n"
+               "  macp-runtime serve --tls-cert cert.pem --tls-key key.pem --bind 0.0.0.0:50051\n")
+    p.add_argument("--bind", dest="bind_addr", metavar="IP:PORT",
+                   help="listen address, an IP literal and port (MACP_BIND_ADDR, default 127.0.0.1:50051)")
+    p.add_argument("--allow-insecure", dest="allow_insecure", action="store_const", const=True,
+                   help="serve plaintext when no TLS cert/key is given (MACP_ALLOW_INSECURE=1)")
+    p.add_argument("--tls-cert", dest="tls_cert_path", metavar="PEM", help="server certificate (MACP_TLS_CERT_PATH)")
+    p.add_argument("--tls-key", dest="tls_key_path", metavar="PEM", help="server private key (MACP_TLS_KEY_PATH)")
+    p.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                   help="where the durable log lives (MACP_DATA_DIR, default .macp-data)")
+    p.add_argument("--memory-only", dest="memory_only", action="store_const", const=True,
+                   help="keep everything in memory; nothing survives a restart (MACP_MEMORY_ONLY=1)")
+    p.add_argument("--strict-recovery", dest="strict_recovery", action="store_const", const=True,
+                   help="refuse to start when any stored session fails to replay (MACP_STRICT_RECOVERY=1)")
+    p.add_argument("--max-payload-bytes", dest="max_payload_bytes", type=int, metavar="N",
+                   help="largest envelope payload accepted (MACP_MAX_PAYLOAD_BYTES, default 1048576)")
+    p.add_argument("--session-start-limit", dest="session_start_limit_per_minute", type=int, metavar="N",
+                   help="SessionStarts per sender per minute (MACP_SESSION_START_LIMIT_PER_MINUTE, default 60)")
+    p.add_argument("--message-limit", dest="message_limit_per_minute", type=int, metavar="N",
+                   help="other messages per sender per minute (MACP_MESSAGE_LIMIT_PER_MINUTE, default 600)")
+    p.add_argument("--specs-dir", dest="specs_dirs", action="append", metavar="DIR",
+                   help="extra directory of mode specs (*.yaml), repeatable (MACP_SPECS_DIR, ':'-separated)")
+    p.add_argument("--workers", dest="workers", type=int, metavar="N",
+                   help="RPC worker threads (MACP_WORKERS, default 64)")
+    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (MACP_LOG_LEVEL, default info)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="macp-runtime",
+        description="MACP runtime for Python: coordination modes declared in YAML, one generic session engine.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        cfg = from_env(overrides=overrides)
+    except ConfigError as exc:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for problem in exc.problems:
+            logging.getLogger("macp_runtime").error("configuration: %s", problem)
+        return 1
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .server import serve
+
+    return serve(cfg)

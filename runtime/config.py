@@ -1,0 +1,132 @@
+"""Start-up configuration: environment variables (as the reference names them) and matching flags.
+
+Every problem is collected and reported together; the daemon then exits without serving.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+
+DEFAULT_BIND = "127.0.0.1:50051"
+
+
+@dataclasses.dataclass
+class Config:
+    bind_addr: str = DEFAULT_BIND
+    allow_insecure: bool = False
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    data_dir: str = ".macp-data"
+    memory_only: bool = False
+    storage_backend: str = "file"
+    strict_recovery: bool = False
+    max_payload_bytes: int = 1_048_576
+    session_start_limit_per_minute: int = 60
+    message_limit_per_minute: int = 600
+    specs_dirs: list[str] = dataclasses.field(default_factory=list)
+    workers: int = 64
+    log_level: str = "info"
+    log_json: bool = False
+
+    def describe(self) -> dict:
+        """For the start-up log line (nothing secret lives here; tokens are read by auth)."""
+        return dataclasses.asdict(self)
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+# (env var, Config field, kind, flag) — the flag of the same meaning is defined in cli.py
+ENV_VARS = [
+    ("MACP_BIND_ADDR", "bind_addr", "str"),
+    ("MACP_ALLOW_INSECURE", "allow_insecure", "flag1"),
+    ("MACP_TLS_CERT_PATH", "tls_cert_path", "str"),
+    ("MACP_TLS_KEY_PATH", "tls_key_path", "str"),
+    ("MACP_DATA_DIR", "data_dir", "str"),
+    ("MACP_MEMORY_ONLY", "memory_only", "flag1"),
+    ("MACP_STORAGE_BACKEND", "storage_backend", "str"),
+    ("MACP_STRICT_RECOVERY", "strict_recovery", "flag1"),
+    ("MACP_MAX_PAYLOAD_BYTES", "max_payload_bytes", "posint"),
+    ("MACP_SESSION_START_LIMIT_PER_MINUTE", "session_start_limit_per_minute", "posint"),
+    ("MACP_MESSAGE_LIMIT_PER_MINUTE", "message_limit_per_minute", "posint"),
+    ("MACP_SPECS_DIR", "specs_dirs", "pathlist"),
+    ("MACP_WORKERS", "workers", "posint"),
+    ("MACP_LOG_LEVEL", "log_level", "str"),
+]
+
+
+def from_env(environ=None, overrides: dict | None = None) -> Config:
+    """Read variables, apply flag overrides (flags win), validate. Raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    cfg = Config()
+    problems: list[str] = []
+    for var, field, kind in ENV_VARS:
+        if var not in environ:
+            continue
+        raw = environ[var]
+        if kind == "str":
+            setattr(cfg, field, raw)
+        elif kind == "flag1":
+            setattr(cfg, field, raw == "1")
+        elif kind == "pathlist":
+            setattr(cfg, field, [p for p in raw.split(os.pathsep) if p])
+        elif kind == "posint":
+            try:
+                value = int(raw)
+                if value <= 0:
+                    raise ValueError
+                setattr(cfg, field, value)
+            except ValueError:
+                problems.append(f"{var} must be a positive integer, got {raw!r}")
+    for field, value in (overrides or {}).items():
+        if value is not None:
+            setattr(cfg, field, value)
+    problems.extend(_validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _validate(cfg: Config) -> list[str]:
+    problems = []
+    if parse_bind_addr(cfg.bind_addr) is None:
+        problems.append(f"MACP_BIND_ADDR must be an IP address and port such as 127.0.0.1:50051 or [::1]:50051, "
+                        f"got {cfg.bind_addr!r}")
+    for label, path in (("MACP_TLS_CERT_PATH", cfg.tls_cert_path), ("MACP_TLS_KEY_PATH", cfg.tls_key_path)):
+        if path and not os.path.isfile(path):
+            problems.append(f"{label} points to {path!r}, which does not exist")
+    if cfg.storage_backend not in ("file",):
+        problems.append(f"unknown storage backend: {cfg.storage_backend}. Valid: file")
+    for d in cfg.specs_dirs:
+        if not os.path.isdir(d):
+            problems.append(f"specs directory {d!r} does not exist")
+    for name in ("max_payload_bytes", "session_start_limit_per_minute", "message_limit_per_minute", "workers"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"{name} must be a positive integer")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        problems.append(f"log level must be debug, info, warning or error, got {cfg.log_level!r}")
+    return problems
+
+
+def parse_bind_addr(addr: str) -> tuple[str, int] | None:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                return None
+        except ValueError:
+            return None
+    else:
+        try:
+            if ipaddress.ip_address(host).version != 4:
+                return None
+        except ValueError:
+            return None
+    return host, int(port)

@@ -1,0 +1,132 @@
+"""Assemble and run the daemon: config -> storage + replay -> auth -> TLS decision -> serve."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from macp.v1 import core_pb2_grpc
+
+from .auth import DevAuthenticator
+from .config import Config
+from .engine import Engine
+from .modes import ModeRegistry
+from .policies import PolicyRegistry
+from .service import MacpService
+from .storage import open_store
+
+log = logging.getLogger("macp_runtime.server")
+
+SERVICE_NAME = "macp.v1.MACPRuntimeService"
+SHUTDOWN_GRACE_S = 10.0
+
+
+class StartupError(Exception):
+    pass
+
+
+class Runtime:
+    """One running daemon: holds the engine, the store and the gRPC server."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.store = None
+        self.server = None
+        self.port = None
+        self._stopped = threading.Event()
+
+    def start(self) -> "Runtime":
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs)
+        self.store = open_store(cfg.memory_only, cfg.data_dir)
+        try:
+            report = self.store.open()
+        except Exception as exc:
+            raise StartupError(f"cannot open storage: {exc}") from None
+        engine = Engine(modes, PolicyRegistry(), self.store)
+        recovered, failed = engine.recover(strict=cfg.strict_recovery)
+        where = "memory only (nothing survives a restart)" if cfg.memory_only else f"durable log in {cfg.data_dir}"
+        log.info("storage: %s; recovered %d sessions from %d records in %.2fs%s", where, recovered,
+                 report.records, time.perf_counter() - t0, f"; {failed} sessions could not be recovered" if failed else "")
+        if report.dropped_records or report.problems:
+            log.warning("storage recovery dropped %d records (%d bytes): %s", report.dropped_records,
+                        report.dropped_bytes, "; ".join(report.problems))
+        authenticator = DevAuthenticator()
+        log.info("auth: %s", authenticator.description)
+
+        credentials = None
+        if cfg.tls_cert_path and cfg.tls_key_path:
+            with open(cfg.tls_key_path, "rb") as k, open(cfg.tls_cert_path, "rb") as c:
+                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+        elif not cfg.allow_insecure:
+            raise StartupError("TLS is required unless MACP_ALLOW_INSECURE=1 is set "
+                               "(or give MACP_TLS_CERT_PATH and MACP_TLS_KEY_PATH)")
+
+        service = MacpService(engine, authenticator, max_payload_bytes=cfg.max_payload_bytes,
+                              session_start_limit=cfg.session_start_limit_per_minute,
+                              message_limit=cfg.message_limit_per_minute)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"))
+        core_pb2_grpc.add_MACPRuntimeServiceServicer_to_server(service, server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(cfg.bind_addr)
+            else:
+                self.port = server.add_secure_port(cfg.bind_addr, credentials)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot bind {cfg.bind_addr}: {exc}") from None
+        if not self.port:
+            raise StartupError(f"cannot bind {cfg.bind_addr}")
+        server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.server = server
+        self.engine = engine
+        log.info("serving %s on %s (%s), modes: %s", SERVICE_NAME, cfg.bind_addr,
+                 "TLS" if credentials else "plaintext, insecure allowed", ", ".join(modes.names))
+        return self
+
+    def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop taking calls, let in-flight calls finish (acks included), then close storage."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.server is not None:
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.server.stop(grace).wait()
+        if self.store is not None:
+            self.store.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(cfg: Config) -> int:
+    runtime = Runtime(cfg)
+    try:
+        runtime.start()
+    except StartupError as exc:
+        log.error("start-up failed: %s", exc)
+        if runtime.store is not None:
+            runtime.store.close()
+        return 1
+
+    def on_signal(signum, frame):
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        threading.Thread(target=runtime.stop, name="shutdown").start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    runtime.wait()
+    while runtime.server is not None and threading.active_count() > 1 and any(
+            t.name == "shutdown" for t in threading.enumerate()):
+        time.sleep(0.05)
+    return 0

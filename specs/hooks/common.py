@@ -1,0 +1,62 @@
+"""Hooks shared by several modes: blankness, the Commitment contract (§1.2–1.4), plain roles."""
+from __future__ import annotations
+
+from .context import HookContext, Reject
+from .policy_rules import commitment_authority_allows
+
+# Unicode White_Space (what Rust's str::trim strips); str.strip() would also strip U+001C..U+001F.
+WHITE_SPACE = (
+    "\u0009\u000a\u000b\u000c\u000d\u0020\u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def is_blank(text: str) -> bool:
+    return not text.strip(WHITE_SPACE)
+
+
+# --- roles -------------------------------------------------------------------------------------
+
+def commitment_authority(session, sender: str) -> bool:
+    """The policy-aware commitment authority of the standard modes."""
+    return commitment_authority_allows(session.policy, session.initiator, session.participant_set, sender)
+
+
+# --- the Commitment contract -------------------------------------------------------------------
+
+_NEGATIVE_SUFFIXES = ("rejected", "failed", "declined")
+_POSITIVE_SUFFIXES = ("selected", "accepted", "completed", "approved")
+
+
+def commitment_matches_session(ctx: HookContext) -> bool:
+    """§1.3: required fields, version binding to the session, supersedes shape, outcome sign."""
+    c = ctx.payload
+    session = ctx.session
+    if is_blank(c.commitment_id) or is_blank(c.action) or is_blank(c.authority_scope) or is_blank(c.reason):
+        raise Reject("InvalidPayload", detail="commitment_id, action, authority_scope and reason are required")
+    if c.mode_version != session.mode_version or c.configuration_version != session.configuration_version:
+        raise Reject("InvalidPayload", detail="commitment mode_version/configuration_version differ from the session")
+    if session.policy_version and c.policy_version != session.policy_version:
+        raise Reject("InvalidPayload", detail="commitment policy_version differs from the session's bound policy")
+    if c.HasField("supersedes") and (is_blank(c.supersedes.session_id) or is_blank(c.supersedes.commitment_hash)):
+        raise Reject("InvalidPayload", detail="supersedes needs session_id and commitment_hash")
+    action = c.action
+    if action.endswith(_NEGATIVE_SUFFIXES):
+        if c.outcome_positive:
+            raise Reject("InvalidPayload", detail=f"action {action!r} requires outcome_positive = false")
+    elif action.endswith(_POSITIVE_SUFFIXES) and not c.outcome_positive:
+        raise Reject("InvalidPayload", detail=f"action {action!r} requires outcome_positive = true")
+    return True
+
+
+def commitment_payload(ctx: HookContext) -> bytes:
+    """Resolution of the standard modes: the Commitment payload byte for byte."""
+    return ctx.raw
+
+
+def participants_present(session) -> bool:
+    return len(session.participants) > 0
+
+
+def initiator_participates(session) -> bool:
+    return session.initiator in session.participant_set
