@@ -102,6 +102,32 @@ DECISION_SCHEMA = {
 }
 
 
+PROPOSAL_SCHEMA = {
+    "acceptance": {"criterion": ("str", "all_parties")},
+    "counter_proposal": {"max_rounds": ("u64", 0)},
+    "rejection": {"terminal_on_any_reject": ("bool", False)},
+    "commitment": COMMITMENT_SCHEMA,
+}
+
+TASK_SCHEMA = {
+    "assignment": {"allow_reassignment_on_reject": ("bool", False)},
+    "completion": {"require_output": ("bool", False)},
+    "commitment": COMMITMENT_SCHEMA,
+}
+
+HANDOFF_SCHEMA = {
+    "acceptance": {"implicit_accept_timeout_ms": ("u64", 0)},
+    "commitment": COMMITMENT_SCHEMA,
+}
+
+# JSON key is `type` (a `threshold_type` key is unknown and ignored).
+QUORUM_SCHEMA = {
+    "threshold": {"type": ("str", "n_of_m"), "value": ("num", 0.0)},
+    "abstention": {"counts_toward_quorum": ("bool", False), "interpretation": ("str", "neutral")},
+    "commitment": COMMITMENT_SCHEMA,
+}
+
+
 class BoundPolicy:
     """A policy copied onto a session at SessionStart; immutable for the session's life.
 
@@ -196,3 +222,10 @@ def quorum_met(kind: str, value: float, voters: int, participants: int) -> bool:
             return value <= 0
         return voters / participants * 100 >= value
     return voters >= value
+
+
+def rules_for(policy: BoundPolicy | None, schema: dict) -> dict:
+    """A mode's view of the bound policy: its rule object parsed for `schema` (defaults without a policy)."""
+    if policy is None:
+        return parse_group(schema, {})
+    return policy.parsed(schema)
