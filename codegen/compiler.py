@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import importlib
 import importlib.util
+import logging
 import os
 import pkgutil
 from typing import Any, Callable
@@ -26,6 +27,10 @@ from .loader import LineDict, load_spec_file
 from .model import BUILTIN_ROLES, Branch, Guard, PayloadBinding, Transition
 
 HOOKS_PACKAGE = "macp_runtime.specs.hooks"
+
+# transitions logs every state entry/exit at INFO; at thousands of messages a second that is most of
+# the per-message cost and says nothing the runtime's own logs do not.
+logging.getLogger("transitions").setLevel(logging.WARNING)
 TOP_KEYS = {
     "spec_version", "mode", "version", "standards_track", "strict_start", "descriptor", "hooks",
     "payloads", "roles", "session_start", "state", "phases", "unlisted_messages", "transitions", "commitment",

@@ -171,7 +171,7 @@ class Engine:
             if resolution is not None:
                 session.resolution = resolution
                 session.status = RESOLVED
-                log.info("session %s resolved (%s)", session.session_id, session.mode)
+                log.debug("session %s resolved (%s)", session.session_id, session.mode)
             return Outcome(False, session.status)
 
     # --- lookups and session RPCs ----------------------------------------------------------------
