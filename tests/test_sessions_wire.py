@@ -382,8 +382,8 @@ def test_dedup_is_per_session(stub):
 def test_ttl_expiry(stub):
     by_message = start(stub, ttl_ms=300)
     by_lookup = start(stub, ttl_ms=300)
-    md = get_session(stub, by_message)
-    assert md.state == OPEN and md.expires_at_unix_ms - md.started_at_unix_ms <= 300
+    md = get_session(stub, by_message)  # (no state check here: a loaded machine may already be past 300 ms)
+    assert md.expires_at_unix_ms - md.started_at_unix_ms <= 300
     time.sleep(0.5)
     env = proposal_env(by_message)
     assert_rejected(send(stub, env), env, "SESSION_NOT_OPEN", "TtlExpired")
