@@ -113,7 +113,8 @@ GARBAGE = b"\xff\xff\xff"   # not a decodable protobuf message
 
 EXPECTED_DESCRIPTORS = {
     PROPOSAL: ("Proposal Mode",
-               "Negotiation with proposals, counterproposals, accepts, rejects, withdrawals, and a terminal Commitment.",
+               "Negotiation with proposals, counterproposals, accepts, rejects, withdrawals, and a terminal "
+               "Commitment.",
                "semantic-deterministic", "peer",
                ["SessionStart", "Proposal", "CounterProposal", "Accept", "Reject", "Withdraw", "Commitment"]),
     TASK: ("Task Mode",
