@@ -14,6 +14,7 @@ CANCELLED = envelope_pb2.SESSION_STATE_CANCELLED
 TERMINAL = frozenset({RESOLVED, EXPIRED, CANCELLED})
 
 MAX_SUSPEND_MS = 604_800_000
+SMALL_GROUP = 16
 
 
 def now_ms() -> int:
@@ -38,8 +39,10 @@ class Session:
         self.status = OPEN
         self.phase = compiled.initial_phase
         self.initiator = initiator
-        self.participants = list(start_payload.participants)
-        self.participant_set = frozenset(self.participants)
+        self.participants = tuple(start_payload.participants)
+        # Membership tests: a small tuple is as fast as a set and a third of its size.
+        self.participant_set = (self.participants if len(self.participants) <= SMALL_GROUP
+                                else frozenset(self.participants))
         self.mode_version = start_payload.mode_version
         self.configuration_version = start_payload.configuration_version
         self.policy_version = effective_policy_version
