@@ -48,6 +48,13 @@ class MacpService(core_pb2_grpc.MACPRuntimeServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
         return identity
 
+    def _require_registry_manager(self, context) -> Identity:
+        """Register/Unregister/Promote modes and Register/Unregister policies need this capability."""
+        identity = self._require_identity(context)
+        if not identity.can_manage_mode_registry:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "Forbidden")
+        return identity
+
     # --- Send (§3) -------------------------------------------------------------------------------
 
     def Send(self, request, context):
