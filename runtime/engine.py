@@ -20,7 +20,7 @@ from .policies import PolicyRegistry
 from .session import CANCELLED, EXPIRED, OPEN, RESOLVED, TERMINAL, Session, now_ms
 from .specs.hooks.common import is_blank
 from .specs.hooks.context import Reject
-from .specs.hooks.policy_rules import commitment_authority_allows
+from .specs.hooks.policy_rules import BoundPolicy, commitment_authority_allows
 from .storage import (ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, LogRecord, StorageError, Store)
 
 import grpc
@@ -72,8 +72,10 @@ class Engine:
                 if env.message_id in existing.seen:
                     return Outcome(True, existing.status)
                 raise MacpError(Kind.SessionAlreadyExists, detail=f"session {session_id!r} already exists")
+        record = _incoming(env, identity.sender, now)
+        record.policy_binding = session.policy.to_json()
         try:
-            self._append(session, _incoming(env, identity.sender, now))
+            self._append(session, record)
         except MacpError:
             with self._table_lock:
                 self._sessions.pop(session_id, None)
@@ -128,8 +130,12 @@ class Engine:
         if count >= cap:
             raise MacpError(Kind.RateLimited, detail=f"{identity.sender} already has {count} open sessions")
 
-    def _new_session(self, session_id, compiled, initiator, start, started_at, deadline) -> Session:
-        policy, effective = self.policies.bind(start.policy_version, compiled.name)
+    def _new_session(self, session_id, compiled, initiator, start, started_at, deadline,
+                     bound: BoundPolicy | None = None) -> Session:
+        if bound is None:
+            policy, effective = self.policies.bind(start.policy_version, compiled.name)
+        else:  # replay: the binding recorded at the start, whatever the registry holds today
+            policy, effective = bound, bound.policy_id
         session = Session(session_id, compiled, initiator, start, policy, started_at, deadline, effective)
         try:
             compiled.check_start(session)
@@ -263,8 +269,9 @@ class Engine:
         start_rec = records[first]
         compiled, start = self._check_start(start_rec.mode, start_rec.payload)
         base = start_rec.timestamp_unix_ms or start_rec.received_at_ms
+        bound = BoundPolicy.from_json(start_rec.policy_binding) if start_rec.policy_binding else None
         session = self._new_session(session_id, compiled, start_rec.sender, start,
-                                    start_rec.received_at_ms, base + start.ttl_ms)
+                                    start_rec.received_at_ms, base + start.ttl_ms, bound)
         session.seen.add(start_rec.message_id)
         session.log_length = len(records)
         for rec in records[first + 1:]:

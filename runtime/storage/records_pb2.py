@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%macp_runtime/storage/v1/records.proto\x12\x17macp_runtime.storage.v1\"\xf3\x01\n\tLogRecord\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".macp_runtime.storage.v1.EntryKind\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x14\n\x0cmessage_type\x18\x04 \x01(\t\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x14\n\x0cmacp_version\x18\x07 \x01(\t\x12\x19\n\x11timestamp_unix_ms\x18\x08 \x01(\x03\x12\x16\n\x0ereceived_at_ms\x18\t \x01(\x03\x12\x0f\n\x07payload\x18\n \x01(\x0c\"\xa3\x04\n\x0fSessionSnapshot\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x14\n\x0cmode_version\x18\x03 \x01(\t\x12\x1d\n\x15\x63onfiguration_version\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x36\n\x06status\x18\x06 \x01(\x0e\x32&.macp_runtime.storage.v1.SessionStatus\x12\x1a\n\x12started_at_unix_ms\x18\x07 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\t \x01(\x03\x12\x11\n\tinitiator\x18\n \x01(\t\x12\x14\n\x0cparticipants\x18\x0b \x03(\t\x12\x0e\n\x06intent\x18\x0c \x01(\t\x12\x12\n\ncontext_id\x18\r \x01(\t\x12\x16\n\x0e\x65xtension_keys\x18\x0e \x03(\t\x12\x18\n\x10seen_message_ids\x18\x0f \x03(\t\x12\r\n\x05phase\x18\x10 \x01(\t\x12\x12\n\nmode_state\x18\x11 \x01(\x0c\x12\x12\n\nresolution\x18\x12 \x01(\x0c\x12\x19\n\x11policy_definition\x18\x13 \x01(\t\x12\x17\n\x0fsuspended_at_ms\x18\x14 \x01(\x03\x12 \n\x18\x61\x63\x63umulated_suspended_ms\x18\x15 \x01(\x03\x12\x17\n\x0f\x65ntries_covered\x18\x16 \x01(\x04*t\n\tEntryKind\x12\x1a\n\x16\x45NTRY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NTRY_KIND_INCOMING\x10\x01\x12\x17\n\x13\x45NTRY_KIND_INTERNAL\x10\x02\x12\x19\n\x15\x45NTRY_KIND_CHECKPOINT\x10\x03*\xbd\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SESSION_STATUS_OPEN\x10\x01\x12\x1b\n\x17SESSION_STATUS_RESOLVED\x10\x02\x12\x1a\n\x16SESSION_STATUS_EXPIRED\x10\x03\x12\x1c\n\x18SESSION_STATUS_SUSPENDED\x10\x04\x12\x1c\n\x18SESSION_STATUS_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%macp_runtime/storage/v1/records.proto\x12\x17macp_runtime.storage.v1\"\x8b\x02\n\tLogRecord\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".macp_runtime.storage.v1.EntryKind\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x14\n\x0cmessage_type\x18\x04 \x01(\t\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x14\n\x0cmacp_version\x18\x07 \x01(\t\x12\x19\n\x11timestamp_unix_ms\x18\x08 \x01(\x03\x12\x16\n\x0ereceived_at_ms\x18\t \x01(\x03\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x16\n\x0epolicy_binding\x18\x0b \x01(\t\"\xa3\x04\n\x0fSessionSnapshot\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x14\n\x0cmode_version\x18\x03 \x01(\t\x12\x1d\n\x15\x63onfiguration_version\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x36\n\x06status\x18\x06 \x01(\x0e\x32&.macp_runtime.storage.v1.SessionStatus\x12\x1a\n\x12started_at_unix_ms\x18\x07 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x0e\n\x06ttl_ms\x18\t \x01(\x03\x12\x11\n\tinitiator\x18\n \x01(\t\x12\x14\n\x0cparticipants\x18\x0b \x03(\t\x12\x0e\n\x06intent\x18\x0c \x01(\t\x12\x12\n\ncontext_id\x18\r \x01(\t\x12\x16\n\x0e\x65xtension_keys\x18\x0e \x03(\t\x12\x18\n\x10seen_message_ids\x18\x0f \x03(\t\x12\r\n\x05phase\x18\x10 \x01(\t\x12\x12\n\nmode_state\x18\x11 \x01(\x0c\x12\x12\n\nresolution\x18\x12 \x01(\x0c\x12\x19\n\x11policy_definition\x18\x13 \x01(\t\x12\x17\n\x0fsuspended_at_ms\x18\x14 \x01(\x03\x12 \n\x18\x61\x63\x63umulated_suspended_ms\x18\x15 \x01(\x03\x12\x17\n\x0f\x65ntries_covered\x18\x16 \x01(\x04*t\n\tEntryKind\x12\x1a\n\x16\x45NTRY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NTRY_KIND_INCOMING\x10\x01\x12\x17\n\x13\x45NTRY_KIND_INTERNAL\x10\x02\x12\x19\n\x15\x45NTRY_KIND_CHECKPOINT\x10\x03*\xbd\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SESSION_STATUS_OPEN\x10\x01\x12\x1b\n\x17SESSION_STATUS_RESOLVED\x10\x02\x12\x1a\n\x16SESSION_STATUS_EXPIRED\x10\x03\x12\x1c\n\x18SESSION_STATUS_SUSPENDED\x10\x04\x12\x1c\n\x18SESSION_STATUS_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'macp_runtime.storage.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYKIND']._serialized_start=862
-  _globals['_ENTRYKIND']._serialized_end=978
-  _globals['_SESSIONSTATUS']._serialized_start=981
-  _globals['_SESSIONSTATUS']._serialized_end=1170
+  _globals['_ENTRYKIND']._serialized_start=886
+  _globals['_ENTRYKIND']._serialized_end=1002
+  _globals['_SESSIONSTATUS']._serialized_start=1005
+  _globals['_SESSIONSTATUS']._serialized_end=1194
   _globals['_LOGRECORD']._serialized_start=67
-  _globals['_LOGRECORD']._serialized_end=310
-  _globals['_SESSIONSNAPSHOT']._serialized_start=313
-  _globals['_SESSIONSNAPSHOT']._serialized_end=860
+  _globals['_LOGRECORD']._serialized_end=334
+  _globals['_SESSIONSNAPSHOT']._serialized_start=337
+  _globals['_SESSIONSNAPSHOT']._serialized_end=884
 # @@protoc_insertion_point(module_scope)

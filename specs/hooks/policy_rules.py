@@ -7,6 +7,7 @@ defaults when that fails.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 U32_MAX = 2**32 - 1
@@ -135,7 +136,7 @@ class BoundPolicy:
     mode-specific read rather than on every message.
     """
 
-    __slots__ = ("policy_id", "mode", "description", "rules", "schema_version", "_parsed")
+    __slots__ = ("policy_id", "mode", "description", "rules", "schema_version", "_parsed", "_json")
 
     def __init__(self, policy_id: str, mode: str, description: str, rules: dict, schema_version: int):
         self.policy_id = policy_id
@@ -144,6 +145,7 @@ class BoundPolicy:
         self.rules = rules
         self.schema_version = schema_version
         self._parsed: dict[int, dict] = {}
+        self._json: str | None = None
 
     def parsed(self, schema: dict) -> dict:
         """The whole rule object parsed for `schema`, or all defaults when it does not parse."""
@@ -156,6 +158,22 @@ class BoundPolicy:
                 cached = parse_group(schema, {})
             self._parsed[key] = cached
         return cached
+
+    def to_json(self) -> str:
+        """The binding as recorded in the SessionStart log entry (computed once per policy)."""
+        if self._json is None:
+            self._json = self._dump()
+        return self._json
+
+    def _dump(self) -> str:
+        return json.dumps({"policy_id": self.policy_id, "mode": self.mode, "description": self.description,
+                           "rules": self.rules, "schema_version": self.schema_version},
+                          separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BoundPolicy":
+        d = json.loads(text)
+        return cls(d["policy_id"], d["mode"], d["description"], d["rules"], int(d["schema_version"]))
 
     def commitment(self) -> dict:
         """The `commitment` group alone (the authority lookup parses nothing else)."""
