@@ -34,7 +34,7 @@ logging.getLogger("transitions").setLevel(logging.WARNING)
 TOP_KEYS = {
     "spec_version", "mode", "version", "standards_track", "strict_start", "descriptor", "hooks",
     "payloads", "roles", "session_start", "state", "phases", "unlisted_messages", "transitions", "commitment",
-    "list_position",
+    "list_position", "policy_rules",
 }
 REQUIRED_TOP = ("spec_version", "mode", "version", "descriptor", "phases", "transitions", "commitment")
 DESCRIPTOR_KEYS = {
@@ -51,7 +51,7 @@ class CompiledMode:
 
     def __init__(self, *, name, version, descriptor, standards_track, list_position, strict_start, source, machine,
                  initial_phase, phases, transitions, roles, unlisted_senders, payloads, start_checks,
-                 initial_state, spec):
+                 initial_state, spec, policy_schema=None):
         self.name: str = name
         self.version: str = version
         self.descriptor: core_pb2.ModeDescriptor = descriptor
@@ -70,6 +70,7 @@ class CompiledMode:
         self.start_checks = start_checks
         self.initial_state = initial_state
         self.spec: dict = spec
+        self.policy_schema: dict | None = policy_schema   # rule groups a bound policy may set
         self._events = {msg: machine.events[msg] for msg in transitions}
 
     # -- the two steps the engine runs around the commit point ------------------------------------
@@ -349,6 +350,19 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
     initial_state = (hooks.get(state_node, "state.initial", state_node["initial"], "initial")
                      if "initial" in state_node else (lambda session: {}))
 
+    # The governance rule schema the mode reads (documentation and `check`; hooks parse it themselves).
+    policy_schema = None
+    if "policy_rules" in spec:
+        ref = spec["policy_rules"]
+        mod_name, _, attr = str(ref).rpartition(".")
+        try:
+            policy_schema = getattr(importlib.import_module(f"{HOOKS_PACKAGE}.{mod_name}"), attr, None)
+        except ImportError:
+            policy_schema = None
+        if not isinstance(policy_schema, dict):
+            raise ctx.fail(spec, "policy_rules", f"unknown rule schema {ref!r} (expected e.g. policy_rules.DECISION_SCHEMA)",
+                           "policy_rules")
+
     unlisted = spec.get("unlisted_messages", {}) or {}
     _unknown_keys(ctx, unlisted, {"senders"}, "unlisted_messages")
     unlisted_senders = senders_of(unlisted, "unlisted_messages")[0] if "senders" in unlisted else ()
@@ -421,6 +435,7 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
         list_position=list_position, strict_start=strict_start, source=file, machine=machine, initial_phase=initial,
         phases=tuple(phase_names), transitions=transitions, roles=senders, unlisted_senders=unlisted_senders,
         payloads=payloads, start_checks=start_checks, initial_state=initial_state, spec=spec,
+        policy_schema=policy_schema,
     )
 
 
