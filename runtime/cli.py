@@ -44,16 +44,49 @@ def _serve_parser(sub) -> None:
                    help="log verbosity (MACP_LOG_LEVEL, default info)")
 
 
+def _docs_parser(sub) -> None:
+    p = sub.add_parser(
+        "docs", help="generate Markdown documentation of every mode from its spec",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Render one Markdown page per mode (descriptor, roles, who may send what in which phase, "
+                    "checks and their error codes, payload fields, policy rules, a Mermaid state diagram) "
+                    "and an index, from the built-in specs plus any --specs-dir.",
+        epilog="examples:\n"
+               "  macp-runtime docs --out docs/modes            # what the repository commits\n"
+               "  macp-runtime docs --specs-dir my-modes --out /tmp/mode-docs --svg\n")
+    p.add_argument("--out", default="docs/modes", metavar="DIR", help="output directory (default docs/modes)")
+    p.add_argument("--specs-dir", dest="specs_dirs", action="append", default=[], metavar="DIR",
+                   help="extra directory of mode specs, repeatable")
+    p.add_argument("--svg", action="store_true", help="also write an SVG diagram per mode (needs Graphviz `dot`)")
+
+
+def _run_docs(args) -> int:
+    from .codegen import SpecError, load_modes
+    from .codegen.docs import write
+
+    try:
+        modes = load_modes(args.specs_dirs)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in write(modes, args.out, svg=args.svg):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="macp-runtime",
         description="MACP runtime for Python: coordination modes declared in YAML, one generic session engine.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    _docs_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "docs":
+        return _run_docs(args)
     overrides = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         cfg = from_env(overrides=overrides)

@@ -50,7 +50,7 @@ def commitment_matches_session(ctx: HookContext) -> bool:
 
 
 def commitment_payload(ctx: HookContext) -> bytes:
-    """Resolution of the standard modes: the Commitment payload byte for byte."""
+    """The Commitment payload, byte for byte."""
     return ctx.raw
 
 

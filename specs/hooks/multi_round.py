@@ -82,6 +82,7 @@ def record_contribution(ctx: HookContext) -> None:
 # --- resolution (§7.6) -----------------------------------------------------------------------------
 
 def resolution(ctx: HookContext) -> bytes:
+    """Compact JSON `{"converged_value", "round", "final"}` with `final` keys sorted."""
     state = ctx.state
     final = dict(sorted(state["contributions"].items()))
     first = next(iter(final.values()), "")
