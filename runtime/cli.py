@@ -74,6 +74,37 @@ def _run_docs(args) -> int:
     return 0
 
 
+def _check_parser(sub) -> None:
+    p = sub.add_parser(
+        "check", help="validate mode specs without starting the server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile each spec and report, as FILE:LINE: LEVEL: KEY.PATH: MESSAGE, YAML errors, unknown "
+                    "keys, unknown phases, hooks that do not exist, message types without payload bindings, "
+                    "unreachable phases and commit conditions that can never hold. Exit status 1 when any error "
+                    "is found (or any warning with --strict), else 0.",
+        epilog="examples:\n"
+               "  macp-runtime check                          # the built-in specs\n"
+               "  macp-runtime check my-modes/ review.yaml    # files and directories\n")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="spec files or directories (default: the built-in specs)")
+    p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+
+
+def _run_check(args) -> int:
+    from .codegen.lint import lint_paths
+    from .specs import SPECS_DIR
+
+    findings, count = lint_paths(args.paths or [SPECS_DIR])
+    for f in findings:
+        print(f)
+    errors = sum(1 for f in findings if f.level == "error")
+    warnings = len(findings) - errors
+    print(f"{count} spec(s) checked: {errors} error(s), {warnings} warning(s)")
+    if count == 0:
+        print("no spec files found", file=sys.stderr)
+        return 1
+    return 1 if errors or (args.strict and warnings) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="macp-runtime",
@@ -81,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     _docs_parser(sub)
+    _check_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "docs":
         return _run_docs(args)
+    if args.command == "check":
+        return _run_check(args)
     overrides = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         cfg = from_env(overrides=overrides)

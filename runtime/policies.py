@@ -1,19 +1,343 @@
-"""The policy registry and binding a policy to a session at SessionStart (§10.5)."""
+"""The governance policy registry (modes.md §10): registration, lookup, listing, watching, binding.
+
+* `register` validates in the exact order and with the exact texts of modes.md §10.3; rule objects
+  are type-checked with the per-mode schemas of `specs/hooks/policy_rules.py`.
+* `rules` text that is not valid JSON is silently replaced by `{}` (§10.1). "Valid" means what the
+  reference's JSON parser accepts: no NaN/Infinity, no numbers out of the f64 range, no lone
+  surrogates; integers beyond the 64-bit range become floats, `-0` becomes the float `-0.0`.
+* Output (`rules_text`) is canonical JSON: compact, object keys sorted by code point at every level,
+  non-ASCII unescaped, integers as integers, floats in shortest round-trip digits (§10.1).
+* `policy.default` is built in: never registered, never removed, never stored.
+* Registered policies are durable: every change is written to the "policies" document (atomic
+  replace + fsync) before `register`/`unregister` return, and loaded back at construction.
+* Watchers get the full sorted list after each change through a `Broadcaster` (capacity 16).
+"""
 from __future__ import annotations
 
+import json
+import math
 import threading
+from decimal import Decimal
+from typing import Any, NamedTuple
 
+from .broadcast import Broadcaster, Subscription
 from .errors import Kind, MacpError
-from .specs.hooks.policy_rules import DEFAULT_POLICY_ID, BoundPolicy, default_policy
+from .specs.hooks.common import is_blank
+from .specs.hooks.policy_rules import (COMMITMENT_SCHEMA, DECISION_SCHEMA, DEFAULT_POLICY_ID, HANDOFF_SCHEMA,
+                                       PROPOSAL_SCHEMA, QUORUM_SCHEMA, TASK_SCHEMA, BoundPolicy, RuleTypeError,
+                                       default_policy, parse_group)
+from .storage.base import StorageError
 
+DOCUMENT = "policies"
+DOCUMENT_FORMAT = 1
+WATCH_CAPACITY = 16
+MAX_JSON_DEPTH = 127   # nesting beyond this is refused by the parser (treated like invalid JSON)
+
+# §10.3 step 5: the schema a rule object is type-checked against, by target mode.
+REGISTRATION_SCHEMAS = {
+    "*": DECISION_SCHEMA,
+    "macp.mode.decision.v1": DECISION_SCHEMA,
+    "macp.mode.proposal.v1": PROPOSAL_SCHEMA,
+    "macp.mode.task.v1": TASK_SCHEMA,
+    "macp.mode.handoff.v1": HANDOFF_SCHEMA,
+    "macp.mode.quorum.v1": QUORUM_SCHEMA,
+}
+_DECISION_CHECKED = ("*", "macp.mode.decision.v1")
+
+_I64_MIN = -(2**63)
+_U64_MAX = 2**64 - 1
+
+
+class PolicyView(NamedTuple):
+    """What Get/List/Watch return for one policy (registered_at is always 0 on the wire)."""
+
+    policy_id: str
+    mode: str
+    description: str
+    rules: str           # canonical JSON text
+    schema_version: int
+
+
+# --- JSON in -----------------------------------------------------------------------------------
+
+class _InvalidJson(ValueError):
+    pass
+
+
+def _parse_int(text: str):
+    value = int(text)
+    if value == 0 and text.startswith("-"):
+        return -0.0
+    if value > _U64_MAX or value < _I64_MIN:
+        return _parse_float(text)
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _InvalidJson("number out of range")
+    return value
+
+
+def _reject_constant(name: str):
+    raise _InvalidJson(f"{name} is not JSON")
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _check_value(value: Any, depth: int) -> None:
+    if isinstance(value, str):
+        if _has_surrogate(value):
+            raise _InvalidJson("unpaired surrogate")
+    elif isinstance(value, (dict, list)):
+        if depth >= MAX_JSON_DEPTH:
+            raise _InvalidJson("nested too deeply")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and _has_surrogate(key):
+                raise _InvalidJson("unpaired surrogate")
+            _check_value(item, depth + 1)
+
+
+def parse_json(text: str) -> Any:
+    """A JSON value as the reference's parser reads it; raises ValueError when it is not JSON."""
+    try:
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _InvalidJson("nested too deeply") from None
+    _check_value(value, 0)
+    return value
+
+
+def parse_rules_text(text: str) -> Any:
+    """§10.1: empty → {}; text that is not valid JSON → {} (silently); otherwise the parsed value."""
+    if text == "":
+        return {}
+    try:
+        return parse_json(text)
+    except ValueError:
+        return {}
+
+
+# --- JSON out ----------------------------------------------------------------------------------
+
+def format_float(x: float) -> str:
+    """Shortest round-trip digits; positional (with `.0` when integral) for 1e-5 ≤ |x| < 1e16, else
+    `<digits>e<exp>` without `+` or zero padding (0.7, 60.0, 1e-7, 1e16, 1.5e20)."""
+    if x == 0:
+        return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+    magnitude = abs(x)
+    if 1e-5 <= magnitude < 1e16:
+        text = format(Decimal(repr(x)), "f")
+        return text if "." in text else text + ".0"
+    sign, digit_tuple, exponent = Decimal(repr(x)).as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    sci_exponent = exponent + len(digits) - 1          # the exponent of the first digit
+    digits = digits.rstrip("0") or "0"
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return ("-" if sign else "") + f"{mantissa}e{sci_exponent}"
+
+
+def canonical_json(value: Any) -> str:
+    """Compact JSON, keys sorted by code point at every level, non-ASCII kept, floats per §10.1."""
+    parts: list[str] = []
+    _emit(value, parts)
+    return "".join(parts)
+
+
+def _emit(value: Any, out: list[str]) -> None:
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, int):
+        out.append(str(value))
+    elif isinstance(value, float):
+        out.append(format_float(value))
+    elif isinstance(value, str):
+        out.append(json.dumps(value, ensure_ascii=False))
+    elif isinstance(value, dict):
+        out.append("{")
+        for i, key in enumerate(sorted(value)):
+            if i:
+                out.append(",")
+            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(":")
+            _emit(value[key], out)
+        out.append("}")
+    elif isinstance(value, (list, tuple)):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _emit(item, out)
+        out.append("]")
+    else:
+        raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+# --- validation (§10.3) ------------------------------------------------------------------------
+
+def validation_error(policy_id: str, mode: str, rules: Any, schema_version: int) -> str | None:
+    """The §10.3 error text for steps 1–8 (the duplicate check is the registry's), or None."""
+    if is_blank(policy_id):
+        return "policy_id must not be empty"
+    if policy_id == DEFAULT_POLICY_ID:
+        return f"cannot register with reserved policy_id '{DEFAULT_POLICY_ID}'"
+    if schema_version == 0:
+        return "schema_version must be > 0"
+    if not isinstance(rules, dict):
+        return "rules must be a JSON object"
+    schema = REGISTRATION_SCHEMAS.get(mode)
+    parsed = None
+    if schema is not None:
+        try:
+            parsed = parse_group(schema, rules)
+        except RuleTypeError as exc:
+            return f"rules do not match schema for mode '{mode}': {exc}"
+    if mode in _DECISION_CHECKED:
+        voting = parsed["voting"]
+        if voting["algorithm"] == "weighted" and not voting["weights"]:
+            return "voting.algorithm 'weighted' requires non-empty voting.weights"
+        if voting["algorithm"] == "supermajority" and not voting["threshold"] > 0.5:
+            return "voting.algorithm 'supermajority' requires voting.threshold > 0.5"
+    try:
+        commitment = parse_group(COMMITMENT_SCHEMA, rules["commitment"], "rules.commitment") \
+            if "commitment" in rules else None
+    except RuleTypeError:
+        commitment = None   # only a group that parses is checked (extension modes are not typed)
+    if commitment is not None and commitment["authority"] == "designated_role" \
+            and not commitment["designated_roles"]:
+        return "commitment.authority 'designated_role' requires non-empty commitment.designated_roles"
+    return None
+
+
+# --- the registry ------------------------------------------------------------------------------
 
 class PolicyRegistry:
-    def __init__(self):
+    """Policies by id. `documents` (from `storage.open_documents`) makes registrations durable;
+    without it (in-process tests) the registry lives in memory only."""
+
+    def __init__(self, documents=None):
         self._lock = threading.Lock()
+        self._documents = documents
         self._policies: dict[str, BoundPolicy] = {DEFAULT_POLICY_ID: default_policy()}
+        self._texts: dict[str, tuple[BoundPolicy, str]] = {}   # canonical rules text, per policy object
+        self.changes = Broadcaster(WATCH_CAPACITY)
+        if documents is not None:
+            self._load()
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        doc = self._documents.load(DOCUMENT)
+        if doc is None:
+            return
+        try:
+            if doc.get("format") != DOCUMENT_FORMAT:
+                raise ValueError(f"unknown format {doc.get('format')!r}")
+            for entry in doc["policies"]:
+                policy_id = entry["policy_id"]
+                if policy_id == DEFAULT_POLICY_ID:
+                    continue
+                rules = parse_json(entry["rules"])
+                if not isinstance(rules, dict):
+                    raise ValueError(f"policy {policy_id!r}: rules are not an object")
+                self._policies[policy_id] = BoundPolicy(policy_id, str(entry["mode"]), str(entry["description"]),
+                                                        rules, int(entry["schema_version"]))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise StorageError(f"the stored policy registry is damaged: {exc}") from None
+
+    def _save(self, policies: dict[str, BoundPolicy]) -> None:
+        if self._documents is None:
+            return
+        entries = [{"policy_id": p.policy_id, "mode": p.mode, "description": p.description,
+                    "rules": self._rules_text(p), "schema_version": p.schema_version}
+                   for pid, p in sorted(policies.items()) if pid != DEFAULT_POLICY_ID]
+        self._documents.save(DOCUMENT, {"format": DOCUMENT_FORMAT, "policies": entries})
+
+    @property
+    def durable(self) -> bool:
+        return bool(self._documents is not None and getattr(self._documents, "durable", False))
+
+    # -- reads ------------------------------------------------------------------------------------
 
     def get(self, policy_id: str) -> BoundPolicy | None:
         return self._policies.get(policy_id)
+
+    def _rules_text(self, policy: BoundPolicy) -> str:
+        cached = self._texts.get(policy.policy_id)
+        if cached is not None and cached[0] is policy:
+            return cached[1]
+        text = canonical_json(policy.rules)
+        self._texts[policy.policy_id] = (policy, text)
+        return text
+
+    def view(self, policy: BoundPolicy) -> PolicyView:
+        return PolicyView(policy.policy_id, policy.mode, policy.description, self._rules_text(policy),
+                          policy.schema_version)
+
+    def describe(self, policy_id: str) -> PolicyView | None:
+        policy = self._policies.get(policy_id)
+        return None if policy is None else self.view(policy)
+
+    def list(self, mode: str = "") -> list[PolicyView]:
+        """Every policy (an empty filter), or those whose mode equals `mode` or is `*`; by id."""
+        policies = list(self._policies.values())
+        return [self.view(p) for p in sorted(policies, key=lambda p: p.policy_id)
+                if not mode or p.mode == mode or p.mode == "*"]
+
+    def watch(self) -> tuple[list[PolicyView], Subscription]:
+        """The current list and a subscription to every later list, taken atomically."""
+        with self._lock:
+            return self.list(), self.changes.subscribe()
+
+    # -- changes ----------------------------------------------------------------------------------
+
+    def register(self, policy_id: str, mode: str, description: str, rules_text: str,
+                 schema_version: int) -> str | None:
+        """Register a policy. Returns the §10.3 error text, or None when it was registered (and is
+        durable). Raises StorageError when it could not be saved (then nothing changed)."""
+        rules = parse_rules_text(rules_text)
+        error = validation_error(policy_id, mode, rules, schema_version)
+        if error is not None:
+            return error
+        policy = BoundPolicy(policy_id, mode, description, rules, schema_version)
+        with self._lock:
+            if policy_id in self._policies:
+                return f"policy '{policy_id}' is already registered"
+            updated = dict(self._policies)
+            updated[policy_id] = policy
+            self._save(updated)
+            self._policies = updated
+            self.changes.publish(self.list())
+        return None
+
+    def unregister(self, policy_id: str) -> str | None:
+        """Remove a policy. Returns the §10.4 error text, or None. Sessions keep their bound copy."""
+        if policy_id == DEFAULT_POLICY_ID:
+            return "cannot unregister the built-in default policy"
+        with self._lock:
+            if policy_id not in self._policies:
+                return f"policy '{policy_id}' not found"
+            updated = dict(self._policies)
+            del updated[policy_id]
+            self._save(updated)
+            self._policies = updated
+            self._texts.pop(policy_id, None)
+            self.changes.publish(self.list())
+        return None
+
+    def close(self) -> None:
+        """End every watch stream (shutdown)."""
+        self.changes.close()
+
+    # -- binding (§10.5) --------------------------------------------------------------------------
 
     def bind(self, policy_version: str, mode: str) -> tuple[BoundPolicy, str]:
         """The policy a new session of `mode` binds to, and the effective policy id it records."""

@@ -17,7 +17,8 @@ from .engine import Engine
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
 from .service import MacpService
-from .storage import open_store
+from .storage import StorageError, open_store
+from .storage.documents import open_documents
 
 log = logging.getLogger("macp_runtime.server")
 
@@ -48,7 +49,11 @@ class Runtime:
             report = self.store.open()
         except Exception as exc:
             raise StartupError(f"cannot open storage: {exc}") from None
-        engine = Engine(modes, PolicyRegistry(), self.store)
+        try:  # policies first: replay must not depend on them, but new sessions bind against them
+            policies = PolicyRegistry(open_documents(cfg.memory_only, cfg.data_dir))
+        except StorageError as exc:
+            raise StartupError(f"cannot load the policy registry: {exc}") from None
+        engine = Engine(modes, policies, self.store)
         recovered, failed = engine.recover(strict=cfg.strict_recovery)
         where = "memory only (nothing survives a restart)" if cfg.memory_only else f"durable log in {cfg.data_dir}"
         log.info("storage: %s; recovered %d sessions from %d records in %.2fs%s", where, recovered,
@@ -100,7 +105,9 @@ class Runtime:
         if self.server is not None:
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            self.server.stop(grace).wait()
+            stopping = self.server.stop(grace)
+            self.engine.policies.close()   # policy watch streams end (OK) instead of using up the grace period
+            stopping.wait()
         if self.store is not None:
             self.store.close()
         log.info("stopped")

@@ -12,6 +12,7 @@ from .auth import Identity
 from .engine import Engine, Outcome
 from .errors import Kind, MacpError, StatusError
 from .ratelimit import SlidingWindow
+from .rpc_policies import PolicyRpcs
 from .session import OPEN, Session, now_ms
 from .specs.hooks.common import is_blank
 
@@ -26,7 +27,7 @@ INSTRUCTIONS = ("Authenticate every call with `authorization: Bearer <token>` an
                 "Send RPC (StreamSession for bidirectional streams).")
 
 
-class MacpService(core_pb2_grpc.MACPRuntimeServiceServicer):
+class MacpService(PolicyRpcs, core_pb2_grpc.MACPRuntimeServiceServicer):
     """RPCs not overridden here answer UNIMPLEMENTED (the generated base class does that)."""
 
     def __init__(self, engine: Engine, authenticator, *, max_payload_bytes: int,
