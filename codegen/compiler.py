@@ -7,8 +7,11 @@ the engine fires the shared machine's events against it.
 from __future__ import annotations
 
 import glob
+import functools
 import importlib
 import importlib.util
+import inspect
+import json
 import logging
 import os
 import pkgutil
@@ -192,8 +195,24 @@ class _HookResolver:
             raise SpecError(self.ctx.file, "hooks", f"cannot load hook module {ref!r}: {exc}") from None
 
     def get(self, node, path: str, name: Any, key=None) -> Callable:
+        """Resolve a hook reference: `name`, `module.name`, or `{hook: name, <param>: value, ...}`.
+
+        The mapping form binds parameters, so one generic hook serves many specs
+        (e.g. `{hook: generic.all_participants_sent, message: SignOff}`).
+        """
+        if isinstance(name, dict):
+            params = {k: v for k, v in name.items() if k != "hook"}
+            fn = self.get(name, path, name.get("hook"), "hook")
+            try:
+                inspect.signature(fn).bind_partial(None, **params)
+            except TypeError as exc:
+                raise self.ctx.fail(name, path, f"bad parameters for hook {name.get('hook')!r}: {exc}") from None
+            bound = functools.partial(fn, **params)
+            bound.__name__ = hook_label(name)
+            bound.__doc__ = fn.__doc__
+            return bound
         if not isinstance(name, str) or not name:
-            raise self.ctx.fail(node, path, "a hook name must be a non-empty string", key)
+            raise self.ctx.fail(node, path, "a hook name must be a non-empty string or {hook: name, ...}", key)
         if "." in name:
             mod_name, _, attr = name.rpartition(".")
             if mod_name == "common":
@@ -215,6 +234,32 @@ class _HookResolver:
         return fn
 
 
+def hook_label(ref: Any) -> str:
+    """How a hook reference reads in docs and messages: `name` or `name(param=value, ...)`."""
+    if isinstance(ref, dict):
+        params = ", ".join(f"{k}={v}" for k, v in ref.items() if k != "hook")
+        return f"{ref.get('hook')}({params})"
+    return str(ref)
+
+
+def _json_object(raw: bytes):
+    try:
+        value = json.loads(raw.decode("utf-8")) if raw else {}
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise Reject("InvalidPayload", detail="payload is not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise Reject("InvalidPayload", detail="payload must be a JSON object")
+    return value
+
+
+def _opaque(raw: bytes) -> bytes:
+    return raw
+
+
+# Payload bindings that need no protobuf message: for modes written in YAML only.
+BUILTIN_PAYLOADS = {"json": _json_object, "opaque": _opaque}
+
+
 def _require(ctx: _Ctx, node: dict, key: str, path: str, kind, what: str):
     if key not in node:
         raise ctx.fail(node, path, f"missing required key {key!r}")
@@ -229,6 +274,16 @@ def _unknown_keys(ctx: _Ctx, node: dict, allowed: set, path: str):
         if key not in allowed:
             where = f"{path}.{key}" if path else str(key)
             raise ctx.fail(node, where, f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})", key)
+
+
+def _hook_list(ctx: _Ctx, node: dict, key: str, path: str) -> list:
+    """An optional list of hook references (names or {hook: ..., params})."""
+    value = node.get(key, [])
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, (str, dict)) for v in value):
+        raise ctx.fail(node, f"{path}.{key}", "must be a list of hook names or {hook: name, ...}", key)
+    return value
 
 
 def _str_list(ctx: _Ctx, node: dict, key: str, path: str, required=True) -> list[str]:
@@ -332,19 +387,21 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
             _unknown_keys(ctx, ref, {"decode"}, path)
             fn = hooks.get(ref, f"{path}.decode", ref.get("decode"), "decode")
             payloads[msg] = PayloadBinding(msg, f"hook:{ref.get('decode')}", fn)
+        elif isinstance(ref, str) and ref in BUILTIN_PAYLOADS:
+            payloads[msg] = PayloadBinding(msg, ref, BUILTIN_PAYLOADS[ref])
         elif isinstance(ref, str):
             cls = _message_class(ref)
             if cls is None:
                 raise ctx.fail(payload_node, path, f"unknown protobuf message {ref!r}", msg)
             payloads[msg] = PayloadBinding(msg, ref, _proto_decoder(cls))
         else:
-            raise ctx.fail(payload_node, path, "must be a protobuf message name or {decode: hook}", msg)
+            raise ctx.fail(payload_node, path, "must be a protobuf message name, json, opaque or {decode: hook}", msg)
 
     # session start and state
     start_node = spec.get("session_start", {}) or {}
     _unknown_keys(ctx, start_node, {"requires"}, "session_start")
     start_checks = tuple(hooks.get(start_node, "session_start.requires", h, "requires")
-                         for h in _str_list(ctx, start_node, "requires", "session_start", required=False))
+                         for h in _hook_list(ctx, start_node, "requires", "session_start"))
     state_node = spec.get("state", {}) or {}
     _unknown_keys(ctx, state_node, {"initial"}, "state")
     initial_state = (hooks.get(state_node, "state.initial", state_node["initial"], "initial")
@@ -411,16 +468,17 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
                 raise ctx.fail(g, f"{gpath}.reject", f"unknown rejection {kind!r} (known: {', '.join(Reject.KINDS)})",
                                "reject")
             guards.append(Guard(hooks.get(g, f"{gpath}.check", g.get("check"), "check"), kind,
-                                str(g.get("why", "")), g.get("check")))
-        effect_names = _str_list(ctx, node, "effects", path, required=False)
-        effects = tuple(hooks.get(node, f"{path}.effects", e, "effects") for e in effect_names)
+                                str(g.get("why", "")), hook_label(g.get("check"))))
+        effect_refs = _hook_list(ctx, node, "effects", path)
+        effects = tuple(hooks.get(node, f"{path}.effects", e, "effects") for e in effect_refs)
+        effect_names = [hook_label(e) for e in effect_refs]
         t = Transition(message=msg, sources=frozenset(sources), branches=branches, guards=tuple(guards),
                        effects=effects, effect_names=tuple(effect_names), commit=is_commit)
         if is_commit:
             for key in ("ready", "policy", "resolution"):
                 if key in node:
                     setattr(t, key, hooks.get(node, f"{path}.{key}", node[key], key))
-                    setattr(t, f"{key}_name", node[key])
+                    setattr(t, f"{key}_name", hook_label(node[key]))
         by_phase = transitions.setdefault(msg, {})
         for p in sources:
             if p in by_phase:
@@ -465,7 +523,7 @@ def _branches(ctx: _Ctx, hooks: _HookResolver, node: dict, path: str, phase_name
             raise ctx.fail(b, bpath, "only the last branch may omit 'when'")
         if when is not None and is_last:
             raise ctx.fail(b, bpath, "the last branch must not have 'when' (some phase must always follow)")
-        branches.append(Branch(b["phase"], when, b.get("when")))
+        branches.append(Branch(b["phase"], when, hook_label(b["when"]) if "when" in b else None))
     return tuple(branches)
 
 

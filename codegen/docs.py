@@ -59,11 +59,17 @@ _TYPE_NAMES = {v: k[5:].lower() for k, v in vars(FieldDescriptor).items() if k.s
 
 def _doc(fn) -> str:
     text = inspect.getdoc(fn) or ""
-    return text.split("\n\n")[0].replace("\n", " ")
+    return text.split("\n\n")[0].replace("\n", " ").rstrip(".")
+
+
+PAYLOAD_TEXT = {
+    "json": "A UTF-8 JSON object (any keys; the mode's checks say which ones matter).",
+    "opaque": "Opaque bytes, not interpreted by the runtime.",
+}
 
 
 def _fields(type_name: str) -> list[dict]:
-    if type_name.startswith("hook:"):
+    if type_name.startswith("hook:") or type_name in PAYLOAD_TEXT:
         return []
     cls = _message_class(type_name)
     out = []
@@ -137,7 +143,7 @@ def mode_context(mode: CompiledMode) -> dict:
         })
     unlisted = (spec.get("unlisted_messages") or {}).get("senders", [])
     payloads = [{"message": m, "type": b.type_name, "fields": _fields(b.type_name),
-                 "decoder": _doc(b.decode) if b.type_name.startswith("hook:") else ""}
+                 "decoder": PAYLOAD_TEXT.get(b.type_name) or (_doc(b.decode) if b.type_name.startswith("hook:") else "")}
                 for m, b in mode.payloads.items()]
     start_checks = [{"name": getattr(c, "__name__", "check"), "text": _doc(c)} for c in mode.start_checks]
     return {
