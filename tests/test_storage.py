@@ -350,3 +350,52 @@ def test_generated_code_is_up_to_date():
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- incarnations and release
+
+
+def start_rec(session_id: str, n: int) -> LogRecord:
+    r = rec(session_id, n)
+    r.message_type = "SessionStart"
+    return r
+
+
+def test_session_start_begins_a_new_incarnation(store):
+    assert store.append(start_rec("s", 0)) == 0
+    assert store.append(rec("s", 1)) == 1
+    assert store.append(rec("t", 0)) == 0
+    # The id is used again (after an eviction): indices restart, only the new incarnation is read.
+    assert store.append(start_rec("s", 10)) == 0
+    assert store.append(rec("s", 11)) == 1
+    assert ids(store.history("s")) == ["s-10", "s-11"]
+    assert dict((sid, ids(rs)) for sid, rs in store.replay()) == {"s": ["s-10", "s-11"], "t": ["t-0"]}
+
+
+def test_release_forgets_the_in_memory_index(store):
+    store.append(start_rec("s", 0))
+    store.append(rec("s", 1))
+    store.release("s")
+    store.release("never-seen")
+    assert store.history("s") == []
+    assert [sid for sid, _ in store.replay()] == []
+    assert store.append(start_rec("s", 5)) == 0
+    assert ids(store.history("s")) == ["s-5"]
+
+
+def test_reopen_keeps_only_the_latest_incarnation(tmp_path):
+    s, _ = reopen(tmp_path / "d")
+    s.append(start_rec("s", 0))
+    s.append(rec("s", 1))
+    s.release("s")          # evicted: the records stay on disk
+    s.append(rec("u", 0))
+    s.close()
+    s, report = reopen(tmp_path / "d")
+    assert ids(s.history("s")) == ["s-0", "s-1"]   # back after a restart, as runtime.md §5.9 says
+    s.append(start_rec("s", 7))
+    s.append(rec("s", 8))
+    s.close()
+    s, report = reopen(tmp_path / "d")
+    assert ids(s.history("s")) == ["s-7", "s-8"]
+    assert report.records == 3                     # the indexed records: s-7, s-8, u-0
+    s.close()

@@ -9,7 +9,7 @@ import abc
 import dataclasses
 from typing import Iterator
 
-from .records_pb2 import LogRecord
+from .records_pb2 import ENTRY_KIND_INCOMING, LogRecord
 
 
 class StorageError(Exception):
@@ -27,7 +27,20 @@ class RecoveryReport:
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
+def starts_incarnation(record: LogRecord) -> bool:
+    """True for the record that begins a session: an Incoming `SessionStart`.
+
+    A session id can be used again once its session was evicted from memory (runtime.md §5.9), so
+    one id may own several *incarnations* in a store. Each begins with its own SessionStart record;
+    `history()` and `replay()` return only the records of the latest incarnation, and `append()`
+    counts indices from that SessionStart (index 0). Older incarnations stay on disk, unread.
+    """
+    return record.kind == ENTRY_KIND_INCOMING and record.message_type == "SessionStart"
+
+
 class Store(abc.ABC):
+    """Session histories. See `starts_incarnation` for how a reused session id is handled."""
+
     #: True when `append` returns only after the record is on stable storage.
     durable: bool = False
 
@@ -51,6 +64,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def history(self, session_id: str) -> list[LogRecord]:
         """The session's records in append order ([] when unknown)."""
+
+    def release(self, session_id: str) -> None:
+        """The runtime evicted the session from memory: drop what the store keeps in memory for it.
+
+        Durable records stay where they are (a durable store shows them again after the next
+        `open()`); `history()` of a released id is [] until a new incarnation is appended.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -29,7 +29,7 @@ import zlib
 from array import array
 from typing import Iterator
 
-from .base import RecoveryReport, StorageError, Store
+from .base import RecoveryReport, StorageError, Store, starts_incarnation
 from .records_pb2 import LogRecord
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,12 @@ def frame(payload: bytes) -> bytes:
 class _Entry:
     """One append waiting for its batch to be written (lives only until the append returns)."""
 
-    __slots__ = ("session_id", "frame", "index", "error")
+    __slots__ = ("session_id", "frame", "starts", "index", "error")
 
-    def __init__(self, session_id: str, data: bytes) -> None:
+    def __init__(self, session_id: str, data: bytes, starts: bool) -> None:
         self.session_id = session_id
         self.frame = data
+        self.starts = starts
         self.index: int | None = None
         self.error: StorageError | None = None
 
@@ -199,8 +200,8 @@ class FileLogStore(Store):
         while pos < size:
             record = self._frame_at(view, pos, size)
             if record is not None:
-                session_id, end = record
-                self._index_add(session_id, seg, pos)
+                session_id, end, starts = record
+                self._index_add(session_id, seg, pos, starts)
                 pos = end
                 continue
             # Damaged region: resynchronise on the next magic whose frame validates.
@@ -223,8 +224,8 @@ class FileLogStore(Store):
             pos = end
 
     @staticmethod
-    def _frame_at(view: memoryview, pos: int, size: int) -> tuple[str, int] | None:
-        """(session_id, end offset) of a valid frame at pos, else None."""
+    def _frame_at(view: memoryview, pos: int, size: int) -> tuple[str, int, bool] | None:
+        """(session_id, end offset, starts an incarnation) of a valid frame at pos, else None."""
         if pos + HEADER_SIZE > size:
             return None
         magic, length, crc = _HEADER.unpack_from(view, pos)
@@ -240,7 +241,7 @@ class FileLogStore(Store):
             rec = LogRecord.FromString(payload)
         except Exception:  # DecodeError, or anything the parser dislikes
             return None
-        return rec.session_id, end
+        return rec.session_id, end, starts_incarnation(rec)
 
     def _truncate_tail(self, path: str, offset: int) -> None:
         try:
@@ -272,9 +273,10 @@ class FileLogStore(Store):
             raise
         return fd
 
-    def _index_add(self, session_id: str, seg: int, offset: int) -> int:
+    def _index_add(self, session_id: str, seg: int, offset: int, starts: bool = False) -> int:
         positions = self._index.get(session_id)
-        if positions is None:
+        if positions is None or starts:
+            # A SessionStart begins a new incarnation: older records of the id are no longer indexed.
             positions = self._index[session_id] = array("Q")
         positions.append((seg << _SEG_SHIFT) | offset)
         return len(positions) - 1
@@ -285,7 +287,7 @@ class FileLogStore(Store):
         payload = record.SerializeToString()
         if len(payload) > MAX_RECORD_BYTES:
             raise StorageError(f"record of {len(payload)} bytes exceeds the {MAX_RECORD_BYTES} byte limit")
-        entry = _Entry(record.session_id, frame(payload))
+        entry = _Entry(record.session_id, frame(payload), starts_incarnation(record))
         with self._cond:
             self._check_usable()
             self._pending.append(entry)
@@ -328,7 +330,7 @@ class FileLogStore(Store):
             if failure is None:
                 pos = offset
                 for e in batch:
-                    e.index = self._index_add(e.session_id, segment, pos)
+                    e.index = self._index_add(e.session_id, segment, pos, e.starts)
                     pos += len(e.frame)
                 self.sync_count += 1
                 self.synced_records += len(batch)
@@ -394,6 +396,10 @@ class FileLogStore(Store):
             positions = self._index.get(session_id)
             positions = array("Q", positions) if positions is not None else array("Q")
         return [self._read_at(p) for p in positions]
+
+    def release(self, session_id: str) -> None:
+        with self._cond:
+            self._index.pop(session_id, None)
 
     def replay(self) -> Iterator[tuple[str, list[LogRecord]]]:
         with self._cond:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
-from .base import RecoveryReport, StorageError, Store
+from .base import RecoveryReport, StorageError, Store, starts_incarnation
 from .records_pb2 import LogRecord
 
 
@@ -46,6 +46,10 @@ class MemoryStore(Store):
         stored = _copy(record)  # the caller may keep mutating its own message
         with self._lock:
             self._check_usable()
+            if starts_incarnation(stored):
+                # A new incarnation of the id replaces the previous one (nothing survives anyway).
+                self._sessions[stored.session_id] = [stored]
+                return 0
             history = self._sessions.setdefault(stored.session_id, [])
             history.append(stored)
             return len(history) - 1
@@ -54,6 +58,10 @@ class MemoryStore(Store):
         with self._lock:
             self._check_usable()
             return [_copy(r) for r in self._sessions.get(session_id, ())]
+
+    def release(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
 
     def close(self) -> None:
         with self._lock:
