@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from macp.v1 import core_pb2_grpc
 
-from .auth import DevAuthenticator
+from .auth import AuthConfigError, build_authenticator
 from .config import Config
 from .engine import Engine
 from .modes import ModeRegistry
@@ -61,8 +61,14 @@ class Runtime:
         if report.dropped_records or report.problems:
             log.warning("storage recovery dropped %d records (%d bytes): %s", report.dropped_records,
                         report.dropped_bytes, "; ".join(report.problems))
-        authenticator = DevAuthenticator()
-        log.info("auth: %s", authenticator.description)
+        try:
+            authenticator = build_authenticator()
+        except AuthConfigError as exc:
+            raise StartupError(f"auth configuration: {exc}") from None
+        if authenticator.resolvers:
+            log.info("auth: %s", authenticator.description)
+        else:
+            log.warning("auth: %s", authenticator.description)
 
         credentials = None
         if cfg.tls_cert_path and cfg.tls_key_path:
@@ -71,6 +77,8 @@ class Runtime:
         elif not cfg.allow_insecure:
             raise StartupError("TLS is required unless MACP_ALLOW_INSECURE=1 is set "
                                "(or give MACP_TLS_CERT_PATH and MACP_TLS_KEY_PATH)")
+        else:
+            log.warning("TLS is not configured; serving plaintext because MACP_ALLOW_INSECURE=1")
 
         service = MacpService(engine, authenticator, max_payload_bytes=cfg.max_payload_bytes,
                               session_start_limit=cfg.session_start_limit_per_minute,
