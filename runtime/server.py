@@ -17,6 +17,7 @@ from .engine import Engine
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
 from .service import MacpService
+from .tls import TlsError, server_credentials
 from .storage import StorageError, open_store
 from .storage.documents import open_documents
 
@@ -72,8 +73,10 @@ class Runtime:
 
         credentials = None
         if cfg.tls_cert_path and cfg.tls_key_path:
-            with open(cfg.tls_key_path, "rb") as k, open(cfg.tls_cert_path, "rb") as c:
-                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+            try:
+                credentials = server_credentials(cfg.tls_cert_path, cfg.tls_key_path)
+            except TlsError as exc:
+                raise StartupError(str(exc)) from None
         elif not cfg.allow_insecure:
             raise StartupError("TLS is required unless MACP_ALLOW_INSECURE=1 is set "
                                "(or give MACP_TLS_CERT_PATH and MACP_TLS_KEY_PATH)")
