@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _docs_parser(sub)
     _check_parser(sub)
+    from .opcli import register
+
+    register(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_docs(args)
     if args.command == "check":
         return _run_check(args)
+    if hasattr(args, "func"):   # operator commands (sessions, modes, policies)
+        return args.func(args)
     overrides = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         cfg = from_env(overrides=overrides)
