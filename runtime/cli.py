@@ -42,6 +42,8 @@ def _serve_parser(sub) -> None:
                    help="RPC worker threads (MACP_WORKERS, default 64)")
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (MACP_LOG_LEVEL, default info)")
+    p.add_argument("--log-json", dest="log_json", action="store_const", const=True,
+                   help="one JSON object per log line (MACP_LOG_FORMAT=json)")
 
 
 def _docs_parser(sub) -> None:
@@ -134,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             logging.getLogger("macp_runtime").error("configuration: %s", problem)
         return 1
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .logs import configure
+
+    configure(cfg.log_level, cfg.log_json)
     from .server import serve
 
     return serve(cfg)

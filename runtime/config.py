@@ -56,6 +56,7 @@ ENV_VARS = [
     ("MACP_SPECS_DIR", "specs_dirs", "pathlist"),
     ("MACP_WORKERS", "workers", "posint"),
     ("MACP_LOG_LEVEL", "log_level", "str"),
+    ("MACP_LOG_FORMAT", "log_json", "json_flag"),
 ]
 
 
@@ -72,6 +73,10 @@ def from_env(environ=None, overrides: dict | None = None) -> Config:
             setattr(cfg, field, raw)
         elif kind == "flag1":
             setattr(cfg, field, raw == "1")
+        elif kind == "json_flag":
+            if raw not in ("json", "text"):
+                problems.append(f"{var} must be json or text, got {raw!r}")
+            setattr(cfg, field, raw == "json")
         elif kind == "pathlist":
             setattr(cfg, field, [p for p in raw.split(os.pathsep) if p])
         elif kind == "posint":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -12,7 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from macp.v1 import core_pb2_grpc
 
 from .auth import AuthConfigError, build_authenticator
+from . import __version__
 from .config import Config
+from .logs import mask
 from .engine import Engine
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
@@ -44,6 +47,9 @@ class Runtime:
     def start(self) -> "Runtime":
         cfg = self.cfg
         t0 = time.perf_counter()
+        log.info("starting macp-runtime %s", __version__, extra={"fields": {
+            "config": cfg.describe(),
+            "env": {k: mask(k, v) for k, v in sorted(os.environ.items()) if k.startswith("MACP_")}}})
         modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs)
         self.store = open_store(cfg.memory_only, cfg.data_dir)
         try:
