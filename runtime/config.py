@@ -28,6 +28,7 @@ class Config:
     workers: int = 64
     log_level: str = "info"
     log_json: bool = False
+    reflection: bool | None = None        # None: on in dev-mode auth, off otherwise
 
     def describe(self) -> dict:
         """For the start-up log line (nothing secret lives here; tokens are read by auth)."""
@@ -57,6 +58,7 @@ ENV_VARS = [
     ("MACP_WORKERS", "workers", "posint"),
     ("MACP_LOG_LEVEL", "log_level", "str"),
     ("MACP_LOG_FORMAT", "log_json", "json_flag"),
+    ("MACP_REFLECTION", "reflection", "bool01"),
 ]
 
 
@@ -72,6 +74,10 @@ def from_env(environ=None, overrides: dict | None = None) -> Config:
         if kind == "str":
             setattr(cfg, field, raw)
         elif kind == "flag1":
+            setattr(cfg, field, raw == "1")
+        elif kind == "bool01":
+            if raw not in ("0", "1"):
+                problems.append(f"{var} must be 0 or 1, got {raw!r}")
             setattr(cfg, field, raw == "1")
         elif kind == "json_flag":
             if raw not in ("json", "text"):

@@ -10,6 +10,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from macp.v1 import core_pb2_grpc
 
 from .auth import AuthConfigError, build_authenticator
@@ -96,6 +97,12 @@ class Runtime:
         core_pb2_grpc.add_MACPRuntimeServiceServicer_to_server(service, server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # Reflection lets grpcurl list/describe without proto files. Default: on in dev mode only.
+        reflect = cfg.reflection if cfg.reflection is not None else not authenticator.resolvers
+        if reflect:
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        log.info("reflection %s", "on" if reflect else "off")
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(cfg.bind_addr)
