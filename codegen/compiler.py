@@ -47,6 +47,9 @@ DESCRIPTOR_KEYS = {
 TRANSITION_KEYS = {"message", "from", "to", "senders", "guards", "effects"}
 COMMITMENT_KEYS = TRANSITION_KEYS | {"ready", "policy", "resolution"}
 GUARD_KEYS = {"check", "reject", "why"}
+UNLISTED_KEYS = {"from", "to", "guards", "effects"}
+# The machine event of `unlisted_messages.accept` (not a message type: message types are looked up first).
+UNLISTED_EVENT = "<unlisted>"
 
 
 class CompiledMode:
@@ -54,7 +57,7 @@ class CompiledMode:
 
     def __init__(self, *, name, version, descriptor, standards_track, list_position, strict_start, source, machine,
                  initial_phase, phases, transitions, roles, unlisted_senders, payloads, start_checks,
-                 initial_state, spec, policy_schema=None):
+                 initial_state, spec, policy_schema=None, unlisted_transitions=None):
         self.name: str = name
         self.version: str = version
         self.descriptor: core_pb2.ModeDescriptor = descriptor
@@ -69,12 +72,17 @@ class CompiledMode:
         self.transitions: dict[str, dict[str, Transition]] = transitions
         self.senders: dict[str, tuple[Callable[[Any, str], bool], ...]] = roles
         self.unlisted_senders = unlisted_senders
+        # {phase -> Transition} for message types the spec does not list (`unlisted_messages.accept`),
+        # or None when such types are refused; their payload is the raw bytes.
+        self.unlisted_transitions: dict[str, Transition] | None = unlisted_transitions
         self.payloads: dict[str, PayloadBinding] = payloads
         self.start_checks = start_checks
         self.initial_state = initial_state
         self.spec: dict = spec
         self.policy_schema: dict | None = policy_schema   # rule groups a bound policy may set
         self._events = {msg: machine.events[msg] for msg in transitions}
+        if unlisted_transitions is not None:
+            self._events[UNLISTED_EVENT] = machine.events[UNLISTED_EVENT]
 
     # -- the two steps the engine runs around the commit point ------------------------------------
 
@@ -84,10 +92,12 @@ class CompiledMode:
         if not any(role(session, sender) for role in allowed):
             raise Reject("Forbidden", detail=f"{sender!r} may not send {message_type}")
         by_phase = self.transitions.get(message_type)
-        if by_phase is None:
+        if by_phase is not None:
+            payload = self.payloads[message_type].decode(raw)
+        elif self.unlisted_transitions is not None:
+            by_phase, payload = self.unlisted_transitions, raw
+        else:
             raise Reject("InvalidPayload", detail=f"{self.name} has no message type {message_type}")
-        binding = self.payloads[message_type]
-        payload = binding.decode(raw)
         transition = by_phase.get(session.phase)
         if transition is None:
             raise Reject("InvalidPayload", detail=f"{message_type} is not accepted in phase {session.phase}")
@@ -421,8 +431,11 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
                            "policy_rules")
 
     unlisted = spec.get("unlisted_messages", {}) or {}
-    _unknown_keys(ctx, unlisted, {"senders"}, "unlisted_messages")
+    _unknown_keys(ctx, unlisted, {"senders", "accept"}, "unlisted_messages")
     unlisted_senders = senders_of(unlisted, "unlisted_messages")[0] if "senders" in unlisted else ()
+    if "accept" in unlisted and "senders" not in unlisted:
+        raise ctx.fail(unlisted, "unlisted_messages.accept", "accepting unlisted messages needs unlisted_messages.senders",
+                       "accept")
 
     # transitions
     machine = Machine(model=None, states=list(phase_names), initial=initial, auto_transitions=False,
@@ -435,9 +448,22 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
         raise ctx.fail(spec, "transitions", "must be a list", "transitions")
     entries = [(f"transitions[{i}]", node, False) for i, node in enumerate(nodes)]
     entries.append(("commitment", spec["commitment"], True))
+    if "accept" in unlisted:
+        entries.append(("unlisted_messages.accept", unlisted["accept"], None))
+    unlisted_transitions = None
     for path, node, is_commit in entries:
         if not isinstance(node, dict):
             raise ctx.fail(spec, path, "must be a mapping")
+        if is_commit is None:   # unlisted_messages.accept: any message type no transition names, raw payload
+            _unknown_keys(ctx, node, UNLISTED_KEYS, path)
+            sources = _str_list(ctx, node, "from", path)
+            for p in sources:
+                if p not in phase_names:
+                    raise ctx.fail(node, f"{path}.from", f"unknown phase {p!r}", "from")
+            t = _transition(ctx, hooks, node, path, UNLISTED_EVENT, sources, phase_names, False)
+            unlisted_transitions = {p: t for p in sources}
+            _add_machine_transitions(machine, t)
+            continue
         _unknown_keys(ctx, node, COMMITMENT_KEYS if is_commit else TRANSITION_KEYS, path)
         msg = _require(ctx, node, "message", path, str, "a message type")
         if msg == "SessionStart":
@@ -456,24 +482,7 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
                            f"all transitions on {msg!r} must name the same senders (authorisation runs before the phase is known)",
                            "senders")
         senders[msg], sender_names[msg] = fns, names
-        branches = _branches(ctx, hooks, node, path, phase_names)
-        guards = []
-        for gi, g in enumerate(node.get("guards", []) or []):
-            gpath = f"{path}.guards[{gi}]"
-            if not isinstance(g, dict):
-                raise ctx.fail(node, gpath, "a guard must be a mapping with check/reject/why", "guards")
-            _unknown_keys(ctx, g, GUARD_KEYS, gpath)
-            kind = g.get("reject", "InvalidPayload")
-            if kind not in Reject.KINDS:
-                raise ctx.fail(g, f"{gpath}.reject", f"unknown rejection {kind!r} (known: {', '.join(Reject.KINDS)})",
-                               "reject")
-            guards.append(Guard(hooks.get(g, f"{gpath}.check", g.get("check"), "check"), kind,
-                                str(g.get("why", "")), hook_label(g.get("check"))))
-        effect_refs = _hook_list(ctx, node, "effects", path)
-        effects = tuple(hooks.get(node, f"{path}.effects", e, "effects") for e in effect_refs)
-        effect_names = [hook_label(e) for e in effect_refs]
-        t = Transition(message=msg, sources=frozenset(sources), branches=branches, guards=tuple(guards),
-                       effects=effects, effect_names=tuple(effect_names), commit=is_commit)
+        t = _transition(ctx, hooks, node, path, msg, sources, phase_names, is_commit)
         if is_commit:
             for key in ("ready", "policy", "resolution"):
                 if key in node:
@@ -484,17 +493,44 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
             if p in by_phase:
                 raise ctx.fail(node, f"{path}.from", f"phase {p!r} already has a transition on {msg!r}", "from")
             by_phase[p] = t
-        for b in branches:
-            cond = [] if b.when is None else [_condition(b.when)]
-            machine.add_transition(msg, sorted(sources), b.phase, conditions=cond)
+        _add_machine_transitions(machine, t)
 
     return CompiledMode(
         name=name, version=version, descriptor=descriptor, standards_track=standards_track,
         list_position=list_position, strict_start=strict_start, source=file, machine=machine, initial_phase=initial,
         phases=tuple(phase_names), transitions=transitions, roles=senders, unlisted_senders=unlisted_senders,
         payloads=payloads, start_checks=start_checks, initial_state=initial_state, spec=spec,
-        policy_schema=policy_schema,
+        policy_schema=policy_schema, unlisted_transitions=unlisted_transitions,
     )
+
+
+def _transition(ctx: _Ctx, hooks: _HookResolver, node: dict, path: str, msg: str, sources, phase_names,
+                is_commit: bool) -> Transition:
+    """The guards, effects and branches of one transition node."""
+    branches = _branches(ctx, hooks, node, path, phase_names)
+    guards = []
+    for gi, g in enumerate(node.get("guards", []) or []):
+        gpath = f"{path}.guards[{gi}]"
+        if not isinstance(g, dict):
+            raise ctx.fail(node, gpath, "a guard must be a mapping with check/reject/why", "guards")
+        _unknown_keys(ctx, g, GUARD_KEYS, gpath)
+        kind = g.get("reject", "InvalidPayload")
+        if kind not in Reject.KINDS:
+            raise ctx.fail(g, f"{gpath}.reject", f"unknown rejection {kind!r} (known: {', '.join(Reject.KINDS)})",
+                           "reject")
+        guards.append(Guard(hooks.get(g, f"{gpath}.check", g.get("check"), "check"), kind,
+                            str(g.get("why", "")), hook_label(g.get("check"))))
+    effect_refs = _hook_list(ctx, node, "effects", path)
+    effects = tuple(hooks.get(node, f"{path}.effects", e, "effects") for e in effect_refs)
+    effect_names = [hook_label(e) for e in effect_refs]
+    return Transition(message=msg, sources=frozenset(sources), branches=branches, guards=tuple(guards),
+                      effects=effects, effect_names=tuple(effect_names), commit=is_commit)
+
+
+def _add_machine_transitions(machine: Machine, t: Transition) -> None:
+    for b in t.branches:
+        cond = [] if b.when is None else [_condition(b.when)]
+        machine.add_transition(t.message, sorted(t.sources), b.phase, conditions=cond)
 
 
 def _condition(fn):
