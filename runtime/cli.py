@@ -39,7 +39,15 @@ def _serve_parser(sub) -> None:
     p.add_argument("--specs-dir", dest="specs_dirs", action="append", metavar="DIR",
                    help="extra directory of mode specs (*.yaml), repeatable (MACP_SPECS_DIR, ':'-separated)")
     p.add_argument("--workers", dest="workers", type=int, metavar="N",
-                   help="RPC worker threads (MACP_WORKERS, default 64)")
+                   help="worker threads for unary RPCs (MACP_WORKERS, default 64)")
+    p.add_argument("--max-streams", dest="max_streams", type=int, metavar="N",
+                   help="open streams (StreamSession and Watch*) at most; each holds a thread of its own "
+                        "on top of --workers (MACP_MAX_STREAMS, default 1000)")
+    p.add_argument("--cleanup-interval", dest="cleanup_interval_secs", type=float, metavar="SECS",
+                   help="period of the TTL sweep and eviction pass (MACP_CLEANUP_INTERVAL_SECS, default 60)")
+    p.add_argument("--session-retention", dest="session_retention_secs", type=float, metavar="SECS",
+                   help="resolved/expired sessions older than this (from their start) leave memory "
+                        "(MACP_SESSION_RETENTION_SECS, default 3600)")
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (MACP_LOG_LEVEL, default info)")
     p.add_argument("--reflection", dest="reflection", action=argparse.BooleanOptionalAction, default=None,

@@ -26,9 +26,13 @@ class Config:
     message_limit_per_minute: int = 600
     specs_dirs: list[str] = dataclasses.field(default_factory=list)
     workers: int = 64
+    max_streams: int = 1000
+    cleanup_interval_secs: float = 60.0
+    session_retention_secs: float = 3600.0
     log_level: str = "info"
     log_json: bool = False
     reflection: bool | None = None        # None: on in dev-mode auth, off otherwise
+    warnings: list[str] = dataclasses.field(default_factory=list)   # logged at start-up
 
     def describe(self) -> dict:
         """For the start-up log line (nothing secret lives here; tokens are read by auth)."""
@@ -56,6 +60,9 @@ ENV_VARS = [
     ("MACP_MESSAGE_LIMIT_PER_MINUTE", "message_limit_per_minute", "posint"),
     ("MACP_SPECS_DIR", "specs_dirs", "pathlist"),
     ("MACP_WORKERS", "workers", "posint"),
+    ("MACP_MAX_STREAMS", "max_streams", "posint"),
+    ("MACP_CLEANUP_INTERVAL_SECS", "cleanup_interval_secs", "secs"),
+    ("MACP_SESSION_RETENTION_SECS", "session_retention_secs", "secs"),
     ("MACP_LOG_LEVEL", "log_level", "str"),
     ("MACP_LOG_FORMAT", "log_json", "json_flag"),
     ("MACP_REFLECTION", "reflection", "bool01"),
@@ -93,6 +100,16 @@ def from_env(environ=None, overrides: dict | None = None) -> Config:
                 setattr(cfg, field, value)
             except ValueError:
                 problems.append(f"{var} must be a positive integer, got {raw!r}")
+        elif kind == "secs":
+            # As the reference: an unusable value falls back to the default (with a warning).
+            try:
+                value = float(raw)
+                if not 0 < value < float("inf"):
+                    raise ValueError
+                setattr(cfg, field, value)
+            except ValueError:
+                cfg.warnings.append(f"{var}={raw!r} is not a positive number of seconds; "
+                                    f"using the default {getattr(cfg, field):g}")
     for field, value in (overrides or {}).items():
         if value is not None:
             setattr(cfg, field, value)
@@ -115,9 +132,13 @@ def _validate(cfg: Config) -> list[str]:
     for d in cfg.specs_dirs:
         if not os.path.isdir(d):
             problems.append(f"specs directory {d!r} does not exist")
-    for name in ("max_payload_bytes", "session_start_limit_per_minute", "message_limit_per_minute", "workers"):
+    for name in ("max_payload_bytes", "session_start_limit_per_minute", "message_limit_per_minute", "workers",
+                 "max_streams"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name} must be a positive integer")
+    for name in ("cleanup_interval_secs", "session_retention_secs"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"{name} must be a positive number of seconds")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log level must be debug, info, warning or error, got {cfg.log_level!r}")
     return problems

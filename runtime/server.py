@@ -61,6 +61,14 @@ class Runtime:
             policies = PolicyRegistry(open_documents(cfg.memory_only, cfg.data_dir))
         except StorageError as exc:
             raise StartupError(f"cannot load the policy registry: {exc}") from None
+        try:  # registered and promoted modes before replay: their sessions replay through them
+            restored = modes.attach_documents(open_documents(cfg.memory_only, cfg.data_dir))
+        except StorageError as exc:
+            raise StartupError(f"cannot load the mode registry: {exc}") from None
+        if restored:
+            log.info("mode registry: %d registered or promoted modes restored", restored)
+        for warning in cfg.warnings:
+            log.warning("configuration: %s", warning)
         engine = Engine(modes, policies, self.store)
         recovered, failed = engine.recover(strict=cfg.strict_recovery)
         where = "memory only (nothing survives a restart)" if cfg.memory_only else f"durable log in {cfg.data_dir}"
@@ -92,8 +100,10 @@ class Runtime:
 
         service = MacpService(engine, authenticator, max_payload_bytes=cfg.max_payload_bytes,
                               session_start_limit=cfg.session_start_limit_per_minute,
-                              message_limit=cfg.message_limit_per_minute)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"))
+                              message_limit=cfg.message_limit_per_minute, max_streams=cfg.max_streams)
+        # Every open stream holds a pool thread: MACP_MAX_STREAMS of them on top of the unary workers.
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers + cfg.max_streams,
+                                                        thread_name_prefix="rpc"))
         core_pb2_grpc.add_MACPRuntimeServiceServicer_to_server(service, server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -117,6 +127,7 @@ class Runtime:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         self.engine = engine
+        engine.start_sweeper(cfg.cleanup_interval_secs, cfg.session_retention_secs)
         log.info("serving %s on %s (%s), modes: %s", SERVICE_NAME, cfg.bind_addr,
                  "TLS" if credentials else "plaintext, insecure allowed", ", ".join(modes.names))
         return self
@@ -131,6 +142,7 @@ class Runtime:
                 self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             stopping = self.server.stop(grace)
             self.engine.policies.close()   # policy watch streams end (OK) instead of using up the grace period
+            self.engine.close()            # the sweep stops; session streams and the other watches end
             stopping.wait()
         if self.store is not None:
             self.store.close()

@@ -13,6 +13,8 @@ from .engine import Engine, Outcome
 from .errors import Kind, MacpError, StatusError
 from .ratelimit import SlidingWindow
 from .rpc_policies import PolicyRpcs
+from .rpc_registry import RegistryRpcs
+from .rpc_streams import StreamRpcs, StreamSlots
 from .session import OPEN, Session, now_ms
 from .specs.hooks.common import is_blank
 
@@ -27,16 +29,17 @@ INSTRUCTIONS = ("Authenticate every call with `authorization: Bearer <token>` an
                 "Send RPC (StreamSession for bidirectional streams).")
 
 
-class MacpService(PolicyRpcs, core_pb2_grpc.MACPRuntimeServiceServicer):
+class MacpService(PolicyRpcs, StreamRpcs, RegistryRpcs, core_pb2_grpc.MACPRuntimeServiceServicer):
     """RPCs not overridden here answer UNIMPLEMENTED (the generated base class does that)."""
 
     def __init__(self, engine: Engine, authenticator, *, max_payload_bytes: int,
-                 session_start_limit: int, message_limit: int):
+                 session_start_limit: int, message_limit: int, max_streams: int = 1000):
         self.engine = engine
         self.auth = authenticator
         self.max_payload_bytes = max_payload_bytes
         self.start_window = SlidingWindow(session_start_limit)
         self.message_window = SlidingWindow(message_limit)
+        self.stream_slots = StreamSlots(max_streams)
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -123,6 +126,7 @@ class MacpService(PolicyRpcs, core_pb2_grpc.MACPRuntimeServiceServicer):
                 raise
             except Exception:
                 raise MacpError(Kind.InvalidPayload, detail=f"{env.message_type} payload does not decode") from None
+        self._publish_signal(env)
         return Outcome(False, OPEN)
 
     # --- sessions --------------------------------------------------------------------------------
