@@ -184,10 +184,29 @@ def test_policy_rpcs_need_authentication(stub, call, request_):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.skip(reason="in dev mode every identity has can_manage_mode_registry; the PERMISSION_DENIED "
-                         "'Forbidden' path becomes testable once static token configuration exists")
-def test_register_and_unregister_need_can_manage_mode_registry():
-    pass
+def test_register_and_unregister_need_can_manage_mode_registry(server_factory):
+    srv = server_factory(env={"MACP_AUTH_TOKENS_JSON": json.dumps([
+        {"token": "tok-admin", "sender": "admin", "can_manage_mode_registry": True},
+        {"token": "tok-user", "sender": "user"},
+    ])})
+    stub = srv.stub()
+    admin, user = bearer("tok-admin"), bearer("tok-user")
+    for call, request_ in (
+            ("RegisterPolicy", policy_pb2.RegisterPolicyRequest(policy_descriptor=descriptor("p.perm"))),
+            ("RegisterPolicy", policy_pb2.RegisterPolicyRequest()),          # permission before the descriptor
+            ("UnregisterPolicy", policy_pb2.UnregisterPolicyRequest(policy_id="policy.default"))):
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(stub, call)(request_, metadata=user)
+        assert (err.value.code(), err.value.details()) == (grpc.StatusCode.PERMISSION_DENIED, "Forbidden")
+    assert stub.RegisterPolicy(policy_pb2.RegisterPolicyRequest(policy_descriptor=descriptor("p.perm")),
+                               metadata=admin).ok
+    # reading needs only an identity
+    assert stub.GetPolicy(policy_pb2.GetPolicyRequest(policy_id="p.perm"), metadata=user).policy_descriptor.mode == "*"
+    assert len(stub.ListPolicies(policy_pb2.ListPoliciesRequest(), metadata=user).descriptors) == 2
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UnregisterPolicy(policy_pb2.UnregisterPolicyRequest(policy_id="p.perm"), metadata=user)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert stub.UnregisterPolicy(policy_pb2.UnregisterPolicyRequest(policy_id="p.perm"), metadata=admin).ok
 
 
 # --- Unregister / Get / List (§10.4) -------------------------------------------------------------
