@@ -331,6 +331,8 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
         raise ctx.fail(spec, "list_position", "must be an integer", "list_position")
     strict_start = bool(spec.get("strict_start", True))
     spec_dir = os.path.dirname(os.path.abspath(file)) if os.path.exists(file) else SPECS_DIR
+    if spec.get("hooks") is not None and not isinstance(spec["hooks"], str):
+        raise ctx.fail(spec, "hooks", "must be a hook module name or a .py path", "hooks")
     hooks = _HookResolver(ctx, spec_dir, spec.get("hooks"))
 
     # descriptor

@@ -40,7 +40,10 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 
 def load_spec_text(text: str, file: str = "<string>") -> LineDict:
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)   # the reader rejects control characters here, before parsing
+    except yaml.YAMLError as exc:
+        raise SpecError(file, "", f"invalid YAML: {exc}") from None
     loader.name = file
     try:
         data = loader.get_single_data()
