@@ -55,7 +55,7 @@ DEFAULT_AUDIENCE = "macp-runtime"
 DEFAULT_JWKS_TTL_S = 300
 JWT_LEEWAY_S = 60
 JWT_ALGORITHMS = ("RS256", "ES256", "HS256")
-JWKS_FETCH_TIMEOUT_S = 10.0
+JWKS_FETCH_TIMEOUT_S = 5.0
 _CACHE_LIMIT = 100_000
 
 
@@ -157,8 +157,7 @@ class _UrlKeys:
         self.url = url
         self.ttl = ttl
         self._fetch = fetch or self._http_get
-        self._keys = None
-        self._fetched_at = 0.0
+        self._state = None              # (keys, generation, fetched_at), replaced as a whole
         self._generation = 0
         self._lock = threading.Lock()
 
@@ -166,25 +165,24 @@ class _UrlKeys:
         with urllib.request.urlopen(self.url, timeout=JWKS_FETCH_TIMEOUT_S) as resp:
             return resp.read()
 
-    def _fresh(self, now: float) -> bool:
-        return self._keys is not None and now - self._fetched_at < self.ttl
-
     def current(self):
         """(keys, generation), or None when the keys cannot be had right now."""
-        if self._fresh(time.monotonic()):
-            return self._keys, self._generation
+        state = self._state
+        if state is not None and time.monotonic() - state[2] < self.ttl:
+            return state[0], state[1]
         with self._lock:
+            state = self._state
             now = time.monotonic()
-            if not self._fresh(now):
-                self._keys = None
+            if state is None or now - state[2] >= self.ttl:
+                self._state = None
                 try:
                     keys = parse_jwks(self._fetch())
                 except Exception as exc:
                     log.warning("auth: cannot fetch the JWKS from %s: %s", self.url, exc)
                     return None
-                self._keys, self._fetched_at = keys, now
                 self._generation += 1
-            return self._keys, self._generation
+                state = self._state = (keys, self._generation, now)
+            return state[0], state[1]
 
 
 def _scopes(claims: dict) -> dict:
