@@ -18,7 +18,7 @@ from macp_runtime.engine import Engine
 from macp_runtime.errors import MacpError, StatusError
 from macp_runtime.modes import ModeRegistry
 from macp_runtime.policies import PolicyRegistry
-from macp_runtime.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED
+from macp_runtime.session import EXPIRED, OPEN, SUSPENDED
 from macp_runtime.storage import MemoryStore
 
 MODE = "macp.mode.decision.v1"

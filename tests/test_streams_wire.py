@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import grpc
 import pytest
@@ -16,7 +15,7 @@ from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2
 
 from conftest import bearer, commitment, envelope, new_session_id, send, start_payload
-from streamkit import END, Collector, Duplex
+from streamkit import Collector, Duplex
 
 MODE = "macp.mode.decision.v1"
 OPEN = envelope_pb2.SESSION_STATE_OPEN
