@@ -52,6 +52,8 @@ def _serve_parser(sub) -> None:
                    help="log verbosity (MACP_LOG_LEVEL, default info)")
     p.add_argument("--reflection", dest="reflection", action=argparse.BooleanOptionalAction, default=None,
                    help="gRPC server reflection for grpcurl (MACP_REFLECTION=1/0; default: on in dev-mode auth only)")
+    p.add_argument("--metrics-addr", dest="metrics_addr", metavar="IP:PORT",
+                   help="serve Prometheus metrics over HTTP on this address (MACP_METRICS_ADDR; default off)")
     p.add_argument("--log-json", dest="log_json", action="store_const", const=True,
                    help="one JSON object per log line (MACP_LOG_FORMAT=json)")
 

@@ -32,6 +32,7 @@ class Config:
     log_level: str = "info"
     log_json: bool = False
     reflection: bool | None = None        # None: on in dev-mode auth, off otherwise
+    metrics_addr: str | None = None       # host:port of the Prometheus endpoint; None = off
     warnings: list[str] = dataclasses.field(default_factory=list)   # logged at start-up
 
     def describe(self) -> dict:
@@ -66,6 +67,7 @@ ENV_VARS = [
     ("MACP_LOG_LEVEL", "log_level", "str"),
     ("MACP_LOG_FORMAT", "log_json", "json_flag"),
     ("MACP_REFLECTION", "reflection", "bool01"),
+    ("MACP_METRICS_ADDR", "metrics_addr", "str"),
 ]
 
 
@@ -127,6 +129,9 @@ def _validate(cfg: Config) -> list[str]:
     for label, path in (("MACP_TLS_CERT_PATH", cfg.tls_cert_path), ("MACP_TLS_KEY_PATH", cfg.tls_key_path)):
         if path and not os.path.isfile(path):
             problems.append(f"{label} points to {path!r}, which does not exist")
+    if cfg.metrics_addr and parse_bind_addr(cfg.metrics_addr) is None:
+        problems.append(f"MACP_METRICS_ADDR must be an IP address and port such as 127.0.0.1:9464, "
+                        f"got {cfg.metrics_addr!r}")
     if cfg.storage_backend not in ("file",):
         problems.append(f"unknown storage backend: {cfg.storage_backend}. Valid: file")
     for d in cfg.specs_dirs:

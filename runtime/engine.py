@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from time import perf_counter
 from typing import Callable, NamedTuple
 
 from macp.v1 import core_pb2
@@ -24,6 +25,7 @@ from .auth import Identity
 from .broadcast import Broadcaster
 from .errors import Kind, MacpError, StatusError
 from .ids import valid_session_id
+from .metrics import NO_METRICS
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
 from .session import (CANCELLED, EXPIRED, MAX_SUSPEND_MS, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session,
@@ -73,6 +75,7 @@ class Engine:
         self._streams_lock = threading.Lock()
         self.closing = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self.metrics = NO_METRICS                          # replaced by the server when metrics are on
 
     # --- SessionStart (§5.2) ---------------------------------------------------------------------
 
@@ -409,6 +412,7 @@ class Engine:
                 self.unsubscribe(session.session_id, sub)
 
     def _emit(self, event: int, session: Session, now: int) -> None:
+        self.metrics.session_event(event)
         if len(self.lifecycle):
             self.lifecycle.publish((event, session, now))
 
@@ -441,8 +445,10 @@ class Engine:
     # --- storage ---------------------------------------------------------------------------------
 
     def _append(self, session: Session, record: LogRecord) -> None:
+        started = perf_counter()
         try:
             index = self.store.append(record)
+            self.metrics.append_done(perf_counter() - started)
         except StorageError as exc:
             log.error("storage append failed for session %s: %s", session.session_id, exc)
             raise MacpError(Kind.StorageFailed, detail=str(exc)) from None

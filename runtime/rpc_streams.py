@@ -307,6 +307,7 @@ class StreamRpcs:
             return
         window = self.start_window if is_start else self.message_window
         if not window.allow(identity.sender):
+            self.engine.metrics.rate_limited("session_start" if is_start else "message")
             raise _Terminate(grpc.StatusCode.RESOURCE_EXHAUSTED, "RateLimited")
         if stream.bound is None:
             stream.bound = session_id
@@ -321,7 +322,10 @@ class StreamRpcs:
             else:
                 self.engine.process_message(env, identity)
         except MacpError as exc:
+            self.engine.metrics.send_done(env.mode, mtype, exc.code, None)
             yield _inline_or_end(exc, stream)
+            return
+        self.engine.metrics.send_done(env.mode, mtype, "", None)
         # Success yields nothing here: the accepted envelope comes back through the session's channel.
 
     def _stream_subscribe(self, stream: SessionStream, request, identity):

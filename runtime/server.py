@@ -17,6 +17,7 @@ from .auth import AuthConfigError, build_authenticator
 from . import __version__
 from .config import Config
 from .logs import mask
+from .metrics import Metrics
 from .engine import Engine
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
@@ -122,6 +123,14 @@ class Runtime:
             raise StartupError(f"cannot bind {cfg.bind_addr}: {exc}") from None
         if not self.port:
             raise StartupError(f"cannot bind {cfg.bind_addr}")
+        if cfg.metrics_addr:
+            metrics = Metrics(engine, self.store)
+            try:
+                metrics.serve(cfg.metrics_addr)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {cfg.metrics_addr}: {exc}") from None
+            engine.metrics = metrics
+            log.info("metrics: Prometheus endpoint on http://%s/metrics", cfg.metrics_addr)
         server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -3,6 +3,7 @@ beyond the transport-level checks the spec puts before the kernel (shape, auth, 
 from __future__ import annotations
 
 import logging
+from time import perf_counter
 
 import grpc
 from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2, policy_pb2
@@ -65,6 +66,8 @@ class MacpService(PolicyRpcs, StreamRpcs, RegistryRpcs, core_pb2_grpc.MACPRuntim
         if not request.HasField("envelope"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SendRequest must contain an envelope")
         env = request.envelope
+        started = perf_counter()
+        metrics = self.engine.metrics
         try:
             self._check_shape(env)
             identity = self._identity(context)
@@ -81,6 +84,7 @@ class MacpService(PolicyRpcs, StreamRpcs, RegistryRpcs, core_pb2_grpc.MACPRuntim
                 raise MacpError(Kind.Forbidden, detail=f"identity may not use mode {env.mode!r}")
             window = self.start_window if is_start else self.message_window
             if not window.allow(identity.sender):
+                metrics.rate_limited("session_start" if is_start else "message")
                 raise MacpError(Kind.RateLimited, detail=f"rate limit reached for {identity.sender}")
             if is_start:
                 outcome = self.engine.start_session(env, identity)
@@ -90,7 +94,9 @@ class MacpService(PolicyRpcs, StreamRpcs, RegistryRpcs, core_pb2_grpc.MACPRuntim
                 outcome = self.engine.process_message(env, identity)
         except MacpError as exc:
             log.debug("rejected %s %s/%s: %s", env.message_type, env.session_id, env.message_id, exc)
+            metrics.send_done(env.mode, env.message_type, exc.code, perf_counter() - started)
             return core_pb2.SendResponse(ack=_error_ack(exc, env.message_id, env.session_id))
+        metrics.send_done(env.mode, env.message_type, "", perf_counter() - started)
         return core_pb2.SendResponse(ack=envelope_pb2.Ack(
             ok=True, duplicate=outcome.duplicate, message_id=env.message_id, session_id=env.session_id,
             accepted_at_unix_ms=now_ms(), session_state=outcome.state))
