@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -80,6 +81,11 @@ class CompiledMode:
         self.initial_state = initial_state
         self.spec: dict = spec
         self.policy_schema: dict | None = policy_schema   # rule groups a bound policy may set
+        # Identifies the spec text a session starts under (runtime/spec_archive.py keeps old ones).
+        source = getattr(spec, "source", None)
+        self.source_text: str | None = source
+        self.digest: str = hashlib.sha256(
+            (source if source is not None else json.dumps(spec, sort_keys=True, default=str)).encode()).hexdigest()
         self._events = {msg: machine.events[msg] for msg in transitions}
         if unlisted_transitions is not None:
             self._events[UNLISTED_EVENT] = machine.events[UNLISTED_EVENT]

@@ -11,12 +11,13 @@ from .errors import SpecError
 class LineDict(dict):
     """A dict that also knows the 1-based source line of each of its keys."""
 
-    __slots__ = ("lines", "line")
+    __slots__ = ("lines", "line", "source")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lines: dict[Any, int] = {}
         self.line: int | None = None
+        self.source: str | None = None   # the YAML text, on the top-level mapping only
 
 
 class _Loader(yaml.SafeLoader):
@@ -59,6 +60,7 @@ def load_spec_text(text: str, file: str = "<string>") -> LineDict:
         loader.dispose()
     if not isinstance(data, LineDict):
         raise SpecError(file, "", "a mode spec must be a YAML mapping at the top level", 1)
+    data.source = text
     return data
 
 

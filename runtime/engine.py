@@ -76,6 +76,7 @@ class Engine:
         self.closing = threading.Event()
         self._sweeper: threading.Thread | None = None
         self.metrics = NO_METRICS                          # replaced by the server when metrics are on
+        self.spec_archive = None                           # SpecArchive of a durable runtime
 
     # --- SessionStart (§5.2) ---------------------------------------------------------------------
 
@@ -105,7 +106,14 @@ class Engine:
         record = _incoming(env, identity.sender, now)
         record.policy_binding = session.policy.to_json()
         try:
+            record.mode_spec_digest = self.spec_archive.ensure(compiled) if self.spec_archive else ""
             self._append(session, record)
+        except StorageError as exc:   # the spec text could not be archived
+            with self._table_lock:
+                self._sessions.pop(session_id, None)
+            session.gone = True
+            session.lock.release()
+            raise MacpError(Kind.StorageFailed, detail=str(exc)) from None
         except MacpError:
             with self._table_lock:
                 self._sessions.pop(session_id, None)
@@ -496,6 +504,8 @@ class Engine:
             raise ValueError("history has no SessionStart")
         start_rec = records[first]
         compiled, start = self._check_start(start_rec.mode, start_rec.payload)
+        if self.spec_archive is not None:   # the rules the session started with, not today's
+            compiled = self.spec_archive.compiled(start_rec.mode_spec_digest, compiled)
         base = start_rec.timestamp_unix_ms or start_rec.received_at_ms
         bound = BoundPolicy.from_json(start_rec.policy_binding) if start_rec.policy_binding else None
         session = self._new_session(session_id, compiled, start_rec.sender, start,

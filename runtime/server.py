@@ -24,6 +24,7 @@ from .policies import PolicyRegistry
 from .service import MacpService
 from .tls import TlsError, server_credentials
 from .storage import StorageError, open_store
+from .spec_archive import SpecArchive
 from .storage.documents import open_documents
 
 log = logging.getLogger("macp_runtime.server")
@@ -71,6 +72,8 @@ class Runtime:
         for warning in cfg.warnings:
             log.warning("configuration: %s", warning)
         engine = Engine(modes, policies, self.store)
+        if not cfg.memory_only:
+            engine.spec_archive = SpecArchive(open_documents(False, cfg.data_dir))
         recovered, failed = engine.recover(strict=cfg.strict_recovery)
         where = "memory only (nothing survives a restart)" if cfg.memory_only else f"durable log in {cfg.data_dir}"
         log.info("storage: %s; recovered %d sessions from %d records in %.2fs%s", where, recovered,
