@@ -70,3 +70,27 @@ def test_health_flips_to_not_serving_while_draining(server_factory):
     t.join(10)
     assert seen[0] == health_pb2.HealthCheckResponse.SERVING
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen
+
+
+def test_sigterm_under_load_loses_no_acknowledged_message(server_factory):
+    import time as _time
+
+    from crashkit import Ledger, run_clients, verify_offline
+
+    srv = server_factory()
+    ledger = Ledger()
+    stop = threading.Event()
+    threads = run_clients(srv.target, ledger, stop, clients=4)
+    _time.sleep(1.5)
+    started = _time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    code = srv.proc.wait(30)
+    drained_in = _time.monotonic() - started
+    stop.set()
+    for t in threads:
+        t.join(15)
+    assert code == 0
+    assert drained_in < 15
+    assert ledger.messages > 20
+    verify_offline(srv.data_dir, ledger)       # every acknowledged message is on disk, once, in order
+    assert "shutting down" in srv.log() and "stopped" in srv.log()
