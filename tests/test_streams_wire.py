@@ -433,3 +433,29 @@ def test_capabilities_on_streams(server_factory):
     d.close()
     assert d.wait_end() == []
     terminated(Duplex(stub, "nobody").subscribe(sid), grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
+
+
+# --- in-process: the stream state machine --------------------------------------------------------------
+
+def test_session_stream_with_a_plain_request_iterator_uses_a_reader_thread_and_counts_a_lag():
+    from macp_runtime import rpc_streams as rs
+
+    class Context:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    frames = [core_pb2.StreamSessionRequest(subscribe_session_id="s")]
+    stream = rs.SessionStream(Context(), iter(frames))   # not grpc's iterator: the fallback path
+    assert stream._reader is not None
+    stream.start()
+    assert stream.next_event() == (rs.REQUEST, frames[0])
+    assert stream.next_event() == (rs.HALF_CLOSED, None)
+    assert stream.offer(0, "a") and stream.next_event() == (rs.LIVE, "a")
+    stream.discard_before(5)
+    for i in range(rs.LIVE_CAPACITY + 3):
+        assert stream.offer(5 + i, i)                   # never blocks; beyond 256 it only counts
+    assert stream.next_event() == (rs.LAG, 3)
+    stream.finish()
+    assert not stream.offer(9999, "late")               # a finished stream leaves the channel
