@@ -37,12 +37,18 @@ __all__ = [
 ]
 
 
-def open_store(memory_only: bool, data_dir: str = DEFAULT_DATA_DIR, **opts) -> Store:
+def open_store(memory_only: bool, data_dir: str = DEFAULT_DATA_DIR, backend: str = "file",
+               database_url: str | None = None, **opts) -> Store:
     """Build the configured store. Does not call `open()`; the caller does, and logs its report.
 
     memory_only: a `MemoryStore` (nothing survives a restart; `data_dir` and opts are ignored).
-    Otherwise a `FileLogStore` in `data_dir`; opts go to its constructor (e.g. segment_bytes).
+    backend "postgres": a `PostgresStore` on `database_url` shared with other instances (opts:
+    pool_size). Otherwise a `FileLogStore` in `data_dir`; opts go to its constructor (e.g. segment_bytes).
     """
     if memory_only:
         return MemoryStore()
+    if backend == "postgres":
+        from .postgres import PostgresStore   # imports the driver only when it is used
+
+        return PostgresStore(database_url or "", **opts)
     return FileLogStore(data_dir, **opts)

@@ -16,6 +16,11 @@ class StorageError(Exception):
     """A record could not be made durable. The caller must not acknowledge it."""
 
 
+class AppendConflict(Exception):
+    """A shared store (`Store.shared`) refused a conditional append: another writer advanced the
+    session since the caller last read it. Nothing was written; read what was missed and judge again."""
+
+
 @dataclasses.dataclass
 class RecoveryReport:
     """What `open()` found on disk, for the start-up log line."""
@@ -43,6 +48,9 @@ class Store(abc.ABC):
 
     #: True when `append` returns only after the record is on stable storage.
     durable: bool = False
+    #: True when other runtime instances append to the same sessions (storage/postgres.py): the engine
+    #: then appends conditionally (`append(record, expect=...)`) and catches up on AppendConflict.
+    shared: bool = False
 
     @abc.abstractmethod
     def open(self) -> RecoveryReport:
