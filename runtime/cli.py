@@ -17,7 +17,9 @@ def _serve_parser(sub) -> None:
         epilog="examples:\n"
                "  MACP_ALLOW_INSECURE=1 macp-runtime serve                 # dev: plaintext, dev auth, .macp-data\n"
                "  macp-runtime serve --allow-insecure --memory-only        # nothing written to disk\n"
-               "  macp-runtime serve --tls-cert cert.pem --tls-key key.pem --bind 0.0.0.0:50051\n")
+               "  macp-runtime serve --tls-cert cert.pem --tls-key key.pem --bind 0.0.0.0:50051\n"
+               "  macp-runtime serve --allow-insecure --storage-backend postgres "
+               "--database-url postgresql://macp@127.0.0.1/macp\n")
     p.add_argument("--bind", dest="bind_addr", metavar="IP:PORT",
                    help="listen address, an IP literal and port (MACP_BIND_ADDR, default 127.0.0.1:50051)")
     p.add_argument("--allow-insecure", dest="allow_insecure", action="store_const", const=True,
@@ -28,6 +30,14 @@ def _serve_parser(sub) -> None:
                    help="where the durable log lives (MACP_DATA_DIR, default .macp-data)")
     p.add_argument("--memory-only", dest="memory_only", action="store_const", const=True,
                    help="keep everything in memory; nothing survives a restart (MACP_MEMORY_ONLY=1)")
+    p.add_argument("--storage-backend", dest="storage_backend", choices=["file", "postgres"],
+                   help="where sessions and registries live: the embedded log (file) or a PostgreSQL "
+                        "database shared by several instances (MACP_STORAGE_BACKEND, default file)")
+    p.add_argument("--database-url", dest="database_url", metavar="URL",
+                   help="PostgreSQL database of the postgres backend, e.g. postgresql://macp@127.0.0.1/macp "
+                        "(MACP_DATABASE_URL)")
+    p.add_argument("--database-pool-size", dest="database_pool_size", type=int, metavar="N",
+                   help="PostgreSQL connections per instance (MACP_DATABASE_POOL_SIZE, default 10)")
     p.add_argument("--strict-recovery", dest="strict_recovery", action="store_const", const=True,
                    help="refuse to start when any stored session fails to replay (MACP_STRICT_RECOVERY=1)")
     p.add_argument("--max-payload-bytes", dest="max_payload_bytes", type=int, metavar="N",

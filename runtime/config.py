@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 
 DEFAULT_BIND = "127.0.0.1:50051"
 
@@ -20,6 +21,8 @@ class Config:
     data_dir: str = ".macp-data"
     memory_only: bool = False
     storage_backend: str = "file"
+    database_url: str | None = None       # MACP_STORAGE_BACKEND=postgres: libpq URL or key=value string
+    database_pool_size: int = 10          # connections per instance (plus one that LISTENs)
     strict_recovery: bool = False
     max_payload_bytes: int = 1_048_576
     session_start_limit_per_minute: int = 60
@@ -36,8 +39,11 @@ class Config:
     warnings: list[str] = dataclasses.field(default_factory=list)   # logged at start-up
 
     def describe(self) -> dict:
-        """For the start-up log line (nothing secret lives here; tokens are read by auth)."""
-        return dataclasses.asdict(self)
+        """For the start-up log line (tokens are read by auth; a database password is masked)."""
+        out = dataclasses.asdict(self)
+        if out.get("database_url"):
+            out["database_url"] = mask_url(out["database_url"])
+        return out
 
 
 class ConfigError(Exception):
@@ -55,6 +61,8 @@ ENV_VARS = [
     ("MACP_DATA_DIR", "data_dir", "str"),
     ("MACP_MEMORY_ONLY", "memory_only", "flag1"),
     ("MACP_STORAGE_BACKEND", "storage_backend", "str"),
+    ("MACP_DATABASE_URL", "database_url", "str"),
+    ("MACP_DATABASE_POOL_SIZE", "database_pool_size", "posint"),
     ("MACP_STRICT_RECOVERY", "strict_recovery", "flag1"),
     ("MACP_MAX_PAYLOAD_BYTES", "max_payload_bytes", "posint"),
     ("MACP_SESSION_START_LIMIT_PER_MINUTE", "session_start_limit_per_minute", "posint"),
@@ -132,8 +140,16 @@ def _validate(cfg: Config) -> list[str]:
     if cfg.metrics_addr and parse_bind_addr(cfg.metrics_addr) is None:
         problems.append(f"MACP_METRICS_ADDR must be an IP address and port such as 127.0.0.1:9464, "
                         f"got {cfg.metrics_addr!r}")
-    if cfg.storage_backend not in ("file",):
-        problems.append(f"unknown storage backend: {cfg.storage_backend}. Valid: file")
+    if cfg.storage_backend not in ("file", "postgres"):
+        problems.append(f"unknown storage backend: {cfg.storage_backend}. Valid: file, postgres")
+    elif cfg.storage_backend == "postgres":
+        if not cfg.database_url:
+            problems.append("MACP_STORAGE_BACKEND=postgres needs MACP_DATABASE_URL "
+                            "(e.g. postgresql://macp@127.0.0.1:5432/macp)")
+        if cfg.memory_only:
+            problems.append("MACP_MEMORY_ONLY=1 and MACP_STORAGE_BACKEND=postgres exclude each other")
+    if cfg.database_pool_size <= 0:
+        problems.append("database_pool_size must be a positive integer")
     for d in cfg.specs_dirs:
         if not os.path.isdir(d):
             problems.append(f"specs directory {d!r} does not exist")
@@ -147,6 +163,12 @@ def _validate(cfg: Config) -> list[str]:
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log level must be debug, info, warning or error, got {cfg.log_level!r}")
     return problems
+
+
+def mask_url(url: str) -> str:
+    """A database URL with its password hidden (URL form and libpq key=value form)."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url, flags=re.IGNORECASE)
 
 
 def parse_bind_addr(addr: str) -> tuple[str, int] | None:

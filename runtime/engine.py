@@ -19,7 +19,7 @@ import threading
 from time import perf_counter
 from typing import Callable, NamedTuple
 
-from macp.v1 import core_pb2
+from macp.v1 import core_pb2, envelope_pb2
 
 from .auth import Identity
 from .broadcast import Broadcaster
@@ -34,6 +34,7 @@ from .specs.hooks.common import is_blank
 from .specs.hooks.context import Reject
 from .specs.hooks.policy_rules import BoundPolicy, commitment_authority_allows
 from .storage import (ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, LogRecord, StorageError, Store)
+from .storage.base import AppendConflict
 
 import grpc
 
@@ -50,6 +51,15 @@ CREATED, RESOLVED_EVENT, EXPIRED_EVENT = _Event.EVENT_TYPE_CREATED, _Event.EVENT
 SUSPENDED_EVENT, RESUMED_EVENT, CANCELLED_EVENT = (_Event.EVENT_TYPE_SUSPENDED, _Event.EVENT_TYPE_RESUMED,
                                                    _Event.EVENT_TYPE_CANCELLED)
 EVICTABLE = frozenset({RESOLVED, EXPIRED})
+DEFAULT_RETENTION_MS = 3_600_000
+# The lifecycle event a status reached through another instance's record announces.
+_EVENT_OF_STATUS = {RESOLVED: RESOLVED_EVENT, EXPIRED: EXPIRED_EVENT, CANCELLED: CANCELLED_EVENT,
+                    SUSPENDED: SUSPENDED_EVENT, OPEN: RESUMED_EVENT}
+
+
+class _Stale(Exception):
+    """A conditional append found that another instance had advanced the session (shared store).
+    The session has been caught up; the caller judges the message again."""
 
 
 class Outcome(NamedTuple):
@@ -77,6 +87,11 @@ class Engine:
         self._sweeper: threading.Thread | None = None
         self.metrics = NO_METRICS                          # replaced by the server when metrics are on
         self.spec_archive = None                           # SpecArchive of a durable runtime
+        # Several instances over one shared store (PostgreSQL): see "multi-instance" below.
+        self.shared = bool(getattr(store, "shared", False))
+        self.retention_ms = DEFAULT_RETENTION_MS
+        self._evicted: dict[str, int] = {}                 # shared: id -> incarnation evicted here
+        self.cluster = None                                # ClusterBus (runtime/cluster.py) when shared
 
     # --- SessionStart (§5.2) ---------------------------------------------------------------------
 
@@ -86,6 +101,8 @@ class Engine:
             raise MacpError(Kind.InvalidSessionId, detail=f"session id {session_id!r} is not a UUID v4/v7 or base64url")
         compiled, start = self._check_start(env.mode, env.payload)
         now = self.clock()
+        if self.shared:
+            return self._start_shared(env, identity, compiled, start, now)
         while True:
             with self._table_lock:
                 existing = self._sessions.get(session_id)
@@ -189,47 +206,55 @@ class Engine:
 
     def process_message(self, env, identity: Identity) -> Outcome:
         session = self._sessions.get(env.session_id)
+        if self.shared:
+            return self._shared(env.session_id, session, lambda s: self._process_locked(s, env, identity),
+                                _unknown_session)
         if session is None:
-            raise MacpError(Kind.UnknownSession, detail=f"session {env.session_id!r} not found")
+            raise _unknown_session(env.session_id)
         with session.lock:
-            if session.gone:
-                raise MacpError(Kind.UnknownSession, detail=f"session {env.session_id!r} not found")
-            if env.message_id in session.seen:
-                return Outcome(True, session.status)
-            if env.mode != session.mode:
-                raise MacpError(Kind.InvalidEnvelope, detail=f"envelope mode {env.mode!r} is not the session's")
-            now = self.clock()
-            if session.status == OPEN and now > session.deadline_ms:
-                self._expire(session, now)
-                raise MacpError(Kind.TtlExpired, detail="the session's TTL has passed")
-            if session.status != OPEN:
-                raise MacpError(Kind.SessionNotOpen, detail="the session is not open")
-            if self.modes.get(session.mode) is None:
-                raise MacpError(Kind.UnknownMode, detail=f"mode {session.mode!r} is no longer registered")
-            compiled = session.compiled
-            sender = identity.sender
-            try:
-                plan = compiled.evaluate(session, sender, env.message_type, env.payload, env.timestamp_unix_ms)
-            except Reject as exc:
-                raise _mode_error(exc) from None
-            self._append(session, _incoming(env, sender, now))  # the commit point
-            session.seen.add(env.message_id)
-            session.note_activity(sender, now)
-            resolution = compiled.apply(session, plan)
-            if resolution is not None:
-                session.resolution = resolution
-                session.status = RESOLVED
-                log.debug("session %s resolved (%s)", session.session_id, session.mode)
-            self._publish(session, env)
-            if resolution is not None:
-                self._emit(RESOLVED_EVENT, session, now)
-            return Outcome(False, session.status)
+            return self._process_locked(session, env, identity)
+
+    def _process_locked(self, session: Session, env, identity: Identity) -> Outcome:
+        if session.gone:
+            raise _unknown_session(env.session_id)
+        if env.message_id in session.seen:
+            return Outcome(True, session.status)
+        if env.mode != session.mode:
+            raise MacpError(Kind.InvalidEnvelope, detail=f"envelope mode {env.mode!r} is not the session's")
+        now = self.clock()
+        if session.status == OPEN and now > session.deadline_ms:
+            self._expire(session, now)
+            raise MacpError(Kind.TtlExpired, detail="the session's TTL has passed")
+        if session.status != OPEN:
+            raise MacpError(Kind.SessionNotOpen, detail="the session is not open")
+        if self.modes.get(session.mode) is None:
+            raise MacpError(Kind.UnknownMode, detail=f"mode {session.mode!r} is no longer registered")
+        compiled = session.compiled
+        sender = identity.sender
+        try:
+            plan = compiled.evaluate(session, sender, env.message_type, env.payload, env.timestamp_unix_ms)
+        except Reject as exc:
+            raise _mode_error(exc) from None
+        self._append(session, _incoming(env, sender, now))  # the commit point
+        session.seen.add(env.message_id)
+        session.note_activity(sender, now)
+        resolution = compiled.apply(session, plan)
+        if resolution is not None:
+            session.resolution = resolution
+            session.status = RESOLVED
+            log.debug("session %s resolved (%s)", session.session_id, session.mode)
+        self._publish(session, env)
+        if resolution is not None:
+            self._emit(RESOLVED_EVENT, session, now)
+        return Outcome(False, session.status)
 
     # --- lookups and session RPCs ----------------------------------------------------------------
 
     def lookup(self, session_id: str) -> Session:
         """Checked lookup: lazily expires an overdue session. NOT_FOUND when unknown."""
         session = self._sessions.get(session_id)
+        if self.shared:
+            return self._shared(session_id, session, self._lookup_locked, _not_found, fresh=True)
         if session is None or session.gone:
             raise _not_found(session_id)
         with session.lock:
@@ -261,10 +286,17 @@ class Engine:
                               f"FORBIDDEN: only the session initiator or policy-delegated roles can {verb}")
         return session
 
-    def cancel_session(self, session_id: str, identity: Identity, reason: str) -> Outcome:
-        session = self._controlled(session_id, identity, "cancel")
-        sender = identity.sender
+    def _locked(self, session: Session, body):
+        """body(session) under the session's lock (shared store: against its latest log, see `_shared`)."""
+        if self.shared:
+            return self._shared(session.session_id, session, body, _not_found)
         with session.lock:
+            return body(session)
+
+    def cancel_session(self, session_id: str, identity: Identity, reason: str) -> Outcome:
+        sender = identity.sender
+
+        def cancel(session: Session) -> Outcome:
             if session.gone:
                 raise _not_found(session_id)
             now = self.clock()
@@ -280,9 +312,10 @@ class Engine:
             log.info("session %s cancelled by %s", session_id, sender)
             return Outcome(False, session.status)
 
+        return self._locked(self._controlled(session_id, identity, "cancel"), cancel)
+
     def suspend_session(self, session_id: str, identity: Identity, reason: str) -> Outcome:
-        session = self._controlled(session_id, identity, "suspend")
-        with session.lock:
+        def suspend(session: Session) -> Outcome:
             if session.gone:
                 raise _not_found(session_id)
             now = self.clock()
@@ -297,9 +330,10 @@ class Engine:
             log.info("session %s suspended by %s", session_id, identity.sender)
             return Outcome(False, session.status)
 
+        return self._locked(self._controlled(session_id, identity, "suspend"), suspend)
+
     def resume_session(self, session_id: str, identity: Identity, reason: str) -> Outcome:
-        session = self._controlled(session_id, identity, "resume")
-        with session.lock:
+        def resume(session: Session) -> Outcome:
             if session.gone:
                 raise _not_found(session_id)
             if session.status != SUSPENDED:
@@ -316,6 +350,8 @@ class Engine:
             log.info("session %s expired: suspended for more than 7 days in total", session_id)
             raise MacpError(Kind.SessionNotOpen, detail="the session was suspended for more than 7 days in total")
 
+        return self._locked(self._controlled(session_id, identity, "resume"), resume)
+
     def sessions(self) -> list[Session]:
         with self._table_lock:
             return list(self._sessions.values())
@@ -326,6 +362,8 @@ class Engine:
         """Expire OPEN sessions past their deadline, then evict RESOLVED/EXPIRED sessions that started
         more than `retention_ms` ago. Returns (expired, evicted)."""
         expired = evicted = 0
+        if self.shared:
+            self.refresh_sessions()
         now = self.clock()
         for session in self.sessions():
             if session.status != OPEN or now <= session.deadline_ms:
@@ -336,6 +374,8 @@ class Engine:
                 try:
                     self._expire(session, now)
                     expired += 1
+                except _Stale:   # another instance got there first (expired it, or a message came in time)
+                    pass
                 except MacpError:
                     log.warning("sweep: could not record the expiry of session %s", session.session_id)
         cutoff = now - retention_ms
@@ -356,11 +396,14 @@ class Engine:
                 # Before the id becomes free: a new incarnation must not lose its index to this.
                 self.store.release(session.session_id)
                 del self._sessions[session.session_id]
+                if self.shared:   # refresh_sessions must not load it back
+                    self._evicted[session.session_id] = session.incarnation
             session.gone = True
         return True
 
     def start_sweeper(self, interval_s: float, retention_s: float) -> None:
         """Run `sweep` now and then every `interval_s` seconds until `close()`."""
+        self.retention_ms = int(retention_s * 1000)
         def loop():
             while not self.closing.is_set():
                 try:
@@ -395,6 +438,9 @@ class Engine:
     def subscribe_with_history(self, session: Session, subscriber) -> list[LogRecord]:
         """Subscribe and snapshot the history in one step under the session lock: the subscriber then
         gets every later envelope live and none of the snapshot's (no gap, no duplicate)."""
+        if self.shared:
+            return self._shared(session.session_id, session,
+                                lambda s: self._subscribe_shared(s, subscriber), _not_found, fresh=True)
         with session.lock:
             if session.gone:
                 raise _not_found(session.session_id)
@@ -455,8 +501,14 @@ class Engine:
     def _append(self, session: Session, record: LogRecord) -> None:
         started = perf_counter()
         try:
-            index = self.store.append(record)
+            if self.shared:   # only if nobody else appended since we last looked (the commit point)
+                index = self.store.append(record, expect=(session.incarnation, session.log_length))
+            else:
+                index = self.store.append(record)
             self.metrics.append_done(perf_counter() - started)
+        except AppendConflict:
+            self._catch_up(session)
+            raise _Stale(session.session_id) from None
         except StorageError as exc:
             log.error("storage append failed for session %s: %s", session.session_id, exc)
             raise MacpError(Kind.StorageFailed, detail=str(exc)) from None
@@ -478,10 +530,314 @@ class Engine:
         self._emit(EXPIRED_EVENT, session, now)
         log.info("session %s expired", session.session_id)
 
+    # --- multi-instance (shared store) ------------------------------------------------------------
+    #
+    # With a shared store (PostgreSQL) several instances serve the same sessions. Each instance keeps
+    # its own in-memory copy of the sessions it has touched; the log in the store is the truth. An
+    # append names the (incarnation, length) the copy has, so it succeeds only if nobody appended
+    # since (the commit point, one round trip); otherwise `_append` catches the copy up with what it
+    # missed (applied through the same compiled mode, published to this instance's subscribers in log
+    # order) and the message is judged again. An accepted append proves the copy was current; a
+    # refusal or a duplicate might come from a stale copy, so it is checked against the log once
+    # before it is answered. Every index of a session passes through `_publish` here exactly once,
+    # under the session's lock, whether this instance or another one appended it.
+
+    def _shared(self, session_id: str, session: Session | None, body, missing, fresh: bool = False):
+        """body(session) under the session's lock against the latest log (see above). `missing`
+        builds the error for an id the store does not know; `fresh` catches up before judging."""
+        checked = False
+        while True:
+            if session is None or session.gone:
+                session = self._sessions.get(session_id)
+                if session is None or session.gone:
+                    session = self._shared_load(session_id)[0]
+                    checked = True
+                if session is None:
+                    raise missing(session_id)
+            with session.lock:
+                if session.gone:
+                    continue
+                if fresh and not checked:
+                    checked = True
+                    self._catch_up(session)
+                    if session.gone:
+                        continue
+                try:
+                    result = body(session)
+                except _Stale:
+                    checked = True
+                    continue
+                except (MacpError, StatusError):
+                    if checked:
+                        raise
+                    checked = True
+                    if self._catch_up(session):
+                        continue
+                    raise
+                if checked or not getattr(result, "duplicate", False):
+                    return result
+                checked = True
+                if not self._catch_up(session):
+                    return result
+
+    def _lookup_locked(self, session: Session) -> Session:
+        try:
+            self._lazy_expire(session, self.clock())
+        except MacpError:
+            log.warning("could not record the expiry of session %s", session.session_id)
+        return session
+
+    def _catch_up(self, session: Session) -> bool:
+        """Under the session's lock: apply what other instances appended since this copy was current.
+        True when anything changed. A newer incarnation replaces the copy (the old one is `gone`)."""
+        try:
+            incarnation, records, replaced = self.store.since(session.session_id, session.incarnation,
+                                                              session.log_length)
+        except StorageError as exc:
+            raise MacpError(Kind.StorageFailed, detail=str(exc)) from None
+        if replaced:
+            fresh = self._replay_shared(session.session_id, incarnation, records)
+            with self._table_lock:
+                if self._sessions.get(session.session_id) is session:
+                    if fresh is None:
+                        del self._sessions[session.session_id]
+                    else:
+                        self._sessions[session.session_id] = fresh
+            session.gone = True
+            if fresh is not None:
+                self._emit(CREATED, fresh, fresh.started_at_ms)
+            return True
+        for record in records:
+            self._apply_logged(session, record)
+        return bool(records)
+
+    def _apply_logged(self, session: Session, rec: LogRecord) -> None:
+        """One record another instance appended, applied as `_replay_session` applies it, then
+        published and announced like a local one."""
+        before = session.status
+        if rec.kind == ENTRY_KIND_INCOMING:
+            if session.status == OPEN:
+                compiled = session.compiled
+                try:
+                    plan = compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
+                                             rec.timestamp_unix_ms)
+                except Reject as exc:   # durable all the same: the other instance judged otherwise
+                    log.error("session %s: %s %r from another instance does not apply here: %s",
+                              session.session_id, rec.message_type, rec.message_id, exc)
+                else:
+                    session.note_activity(rec.sender, rec.received_at_ms)
+                    resolution = compiled.apply(session, plan)
+                    if resolution is not None:
+                        session.resolution = resolution
+                        session.status = RESOLVED
+            session.seen.add(rec.message_id)
+        elif rec.kind == ENTRY_KIND_INTERNAL:
+            kind = rec.message_type
+            if kind == "TtlExpired" or kind == "SessionCancel":
+                session.status = EXPIRED if kind == "TtlExpired" else CANCELLED
+                session.suspended_at_ms = None
+            elif kind == "SessionSuspend" and session.status == OPEN:
+                session.status = SUSPENDED
+                session.suspended_at_ms = rec.received_at_ms
+            elif kind == "SessionResume" and session.status == SUSPENDED:
+                _resume(session, max(0, rec.received_at_ms - session.suspended_at_ms))
+        session.log_length += 1
+        if rec.kind == ENTRY_KIND_INCOMING:
+            self._publish(session, _envelope(rec))
+        if session.status != before:
+            self._emit(_EVENT_OF_STATUS[session.status], session, rec.received_at_ms)
+
+    def _replay_shared(self, session_id: str, incarnation: int, records: list[LogRecord]) -> Session | None:
+        try:
+            session = self._replay_session(session_id, records)
+        except Exception as exc:
+            log.warning("session %s could not be loaded from the shared store: %s", session_id, exc)
+            return None
+        if session is not None:
+            session.incarnation = incarnation
+            session.log_length = len(records)
+        return session
+
+    def _shared_load(self, session_id: str) -> tuple[Session | None, bool]:
+        """The session from the store into the table: (session or None when unknown, newly inserted)."""
+        try:
+            loaded = self.store.load(session_id)
+        except StorageError as exc:
+            raise MacpError(Kind.StorageFailed, detail=str(exc)) from None
+        if loaded is None:
+            return None, False
+        session = self._replay_shared(session_id, *loaded)
+        if session is None:
+            return None, False
+        with self._table_lock:
+            current = self._sessions.get(session_id)
+            if current is not None and not current.gone:
+                return current, False   # loaded meanwhile by another thread
+            self._sessions[session_id] = session
+            self._evicted.pop(session_id, None)
+        return session, True
+
+    def _start_shared(self, env, identity: Identity, compiled, start, now: int) -> Outcome:
+        """SessionStart over a shared store: the first append of an id wins across instances."""
+        session_id = env.session_id
+        previous = (0, 0)   # the incarnation this start replaces: (0, 0) = the id was never used
+        while True:
+            with self._table_lock:
+                existing = self._sessions.get(session_id)
+                if existing is None:
+                    self._check_open_limit(identity)
+                    session = self._new_session(session_id, compiled, identity.sender, start, now,
+                                                (env.timestamp_unix_ms or now) + start.ttl_ms)
+                    session.lock.acquire()
+                    self._sessions[session_id] = session
+            if existing is not None:
+                outcome, previous = self._start_against(existing, env, now)
+                if outcome is not None:
+                    return outcome
+                continue
+            record = _incoming(env, identity.sender, now)
+            record.policy_binding = session.policy.to_json()
+            started = perf_counter()
+            try:
+                record.mode_spec_digest = self.spec_archive.ensure(compiled) if self.spec_archive else ""
+                self.store.append(record, expect=previous)
+                self.metrics.append_done(perf_counter() - started)
+            except (AppendConflict, StorageError) as exc:
+                with self._table_lock:
+                    if self._sessions.get(session_id) is session:
+                        del self._sessions[session_id]
+                session.gone = True
+                session.lock.release()
+                if isinstance(exc, StorageError):
+                    raise MacpError(Kind.StorageFailed, detail=str(exc)) from None
+                if self._shared_load(session_id)[0] is None:
+                    raise MacpError(Kind.StorageFailed, detail="the session id is taken but cannot be loaded") from None
+                continue
+            session.incarnation = previous[0] + 1
+            session.log_length = 1
+            session.seen.add(env.message_id)
+            try:
+                self._publish(session, env)
+                self._emit(CREATED, session, now)
+            finally:
+                session.lock.release()
+            return Outcome(False, session.status)
+
+    def _start_against(self, existing: Session, env, now: int) -> tuple[Outcome | None, tuple[int, int]]:
+        """A SessionStart for an id in the table: (outcome, _) when it is decided, else (None, the
+        incarnation a new start must replace)."""
+        with existing.lock:
+            if existing.gone:
+                return None, (0, 0)
+            self._catch_up(existing)
+            if existing.gone:
+                return None, (0, 0)
+            if env.message_id in existing.seen:
+                return Outcome(True, existing.status), (0, 0)
+            if existing.status in EVICTABLE and existing.started_at_ms < now - self.retention_ms:
+                # Past its retention anywhere: the id may begin its next incarnation.
+                with self._table_lock:
+                    if self._sessions.get(existing.session_id) is existing:
+                        del self._sessions[existing.session_id]
+                existing.gone = True
+                return None, (existing.incarnation, existing.log_length)
+        raise MacpError(Kind.SessionAlreadyExists, detail=f"session {existing.session_id!r} already exists")
+
+    def _subscribe_shared(self, session: Session, subscriber) -> list[LogRecord]:
+        """Under the lock of a caught-up session: subscribe, and read the history up to the length
+        this copy has; later records reach the subscriber through `_publish` (no gap, no duplicate)."""
+        self.subscribe(session.session_id, subscriber)
+        try:
+            records = self.store.history_upto(session.session_id, session.incarnation, session.log_length)
+        except StorageError as exc:
+            raise MacpError(Kind.StorageFailed, detail=str(exc)) from None
+        subscriber.discard_before(len(records))
+        return records
+
+    def refresh_sessions(self) -> None:
+        """Shared store: load the sessions other instances started, catch up those that moved on
+        (ListSessions, WatchSessions and the sweep see every instance's sessions)."""
+        if not self.shared:
+            return
+        try:
+            overview = self.store.overview()
+        except StorageError as exc:
+            log.warning("could not list the shared sessions: %s", exc)
+            return
+        missing = []
+        for session_id, incarnation, length in overview:
+            session = self._sessions.get(session_id)
+            if session is None:
+                if self._evicted.get(session_id) != incarnation:
+                    missing.append(session_id)
+            elif session.incarnation != incarnation or session.log_length != length:
+                with session.lock:
+                    if not session.gone:
+                        self._catch_up(session)
+        if not missing:
+            return
+        try:
+            loaded = self.store.load_many(missing)
+        except StorageError as exc:
+            log.warning("could not load shared sessions: %s", exc)
+            return
+        for session_id, (incarnation, records) in loaded.items():
+            session = self._replay_shared(session_id, incarnation, records)
+            if session is None:
+                continue
+            with self._table_lock:
+                if session_id in self._sessions:
+                    continue
+                self._sessions[session_id] = session
+                self._evicted.pop(session_id, None)
+            self._emit(CREATED, session, session.started_at_ms)
+
+    def remote_record(self, session_id: str, incarnation: int, index: int) -> None:
+        """The store says record `index` of `session_id` was committed (by any instance). Sessions
+        somebody here watches are caught up now; the others when next touched."""
+        session = self._sessions.get(session_id)
+        if session is not None and session.incarnation == incarnation and session.log_length > index:
+            return   # this copy has it (our own append)
+        if session_id not in self._channels and not len(self.lifecycle):
+            return
+        if session is None or session.gone:
+            session, inserted = self._shared_load(session_id)
+            if session is not None and inserted:
+                self._emit(CREATED, session, session.started_at_ms)
+            return
+        with session.lock:
+            if not session.gone:
+                self._catch_up(session)
+
+    def watched_sessions(self) -> list[str]:
+        """Ids that have stream subscribers here."""
+        with self._channel_lock:
+            return list(self._channels)
+
+    def _recover_shared(self, strict: bool) -> tuple[int, int]:
+        recovered = failed = 0
+        for session_id, incarnation, records in self.store.replay_shared():
+            try:
+                session = self._replay_session(session_id, records)
+            except Exception as exc:
+                failed += 1
+                log.warning("session %s could not be recovered: %s", session_id, exc)
+                if strict:
+                    raise
+                continue
+            if session is not None:
+                session.incarnation = incarnation
+                session.log_length = len(records)
+                self._sessions[session_id] = session
+                recovered += 1
+        return recovered, failed
+
     # --- recovery --------------------------------------------------------------------------------
 
     def recover(self, strict: bool = False) -> tuple[int, int]:
         """Rebuild every stored session by replaying its history. Returns (recovered, failed)."""
+        if self.shared:
+            return self._recover_shared(strict)
         recovered = failed = 0
         for session_id, records in self.store.replay():
             try:
@@ -556,6 +912,18 @@ def _resume(session: Session, banked: int) -> bool:
 
 def _not_found(session_id: str) -> StatusError:
     return StatusError(grpc.StatusCode.NOT_FOUND, f"Session '{session_id}' not found")
+
+
+def _unknown_session(session_id: str) -> MacpError:
+    return MacpError(Kind.UnknownSession, detail=f"session {session_id!r} not found")
+
+
+def _envelope(record: LogRecord):
+    """A logged Incoming record as the envelope subscribers get."""
+    return envelope_pb2.Envelope(
+        macp_version=record.macp_version or "1.0", mode=record.mode, message_type=record.message_type,
+        message_id=record.message_id, session_id=record.session_id, sender=record.sender,
+        timestamp_unix_ms=record.timestamp_unix_ms or record.received_at_ms, payload=record.payload)
 
 
 def _incoming(env, sender: str, now: int) -> LogRecord:

@@ -18,6 +18,10 @@ def mask(name: str, value) -> object:
     upper = name.upper()
     if value in (None, "", [], {}) or upper.endswith("_PATH") or upper.endswith("_FILE"):
         return value
+    if upper.endswith("DATABASE_URL") and isinstance(value, str):
+        from .config import mask_url   # the URL is useful in the log, its password is not
+
+        return mask_url(value)
     if any(m in upper for m in SECRET_MARKERS):
         return "***"
     return value

@@ -12,6 +12,7 @@ Every successful change is announced on `changes` (WatchModeRegistry, capacity 1
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
@@ -51,6 +52,7 @@ class ModeRegistry:
         #   {"name", "kind": "spec", "descriptor": {...}, "spec_yaml": "...", "standards_track": bool}
         self._entries: dict[str, dict] = {}
         self._documents = None
+        self._builtin = dict(self._modes)             # the spec files' modes, before any entry applies
         self.changes = Broadcaster(WATCH_CAPACITY)   # items: observed_at_unix_ms of the change
         self._refresh()
 
@@ -90,6 +92,39 @@ class ModeRegistry:
                     log.warning("registered mode %r could not be restored: %s", entry.get("name"), exc)
             self._refresh()
         return restored
+
+    def _reload_locked(self) -> None:
+        """Rebuild the registry from the spec files and the stored document (lock held)."""
+        doc = self._documents.load(DOCUMENT)
+        self._modes = dict(self._builtin)
+        self._entries = {}
+        for entry in (doc or {}).get("modes", []):
+            try:
+                self._restore(entry)
+            except Exception as exc:
+                log.warning("registered mode %r could not be restored: %s", entry.get("name"), exc)
+        self._refresh()
+
+    def _shared_change(self):
+        """Shared documents (several instances): the change is one transaction under the document's
+        lock, made against the registry as stored now, not as this instance last saw it."""
+        locked = getattr(self._documents, "locked", None)
+        if locked is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(locked(DOCUMENT))
+        try:
+            self._reload_locked()
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def reload(self) -> None:
+        """Another instance changed the shared registry: read it again and tell the watchers."""
+        with self._lock:
+            self._reload_locked()
+        self._changed()
 
     def _restore(self, entry: dict) -> None:
         name = entry["name"]
@@ -132,7 +167,7 @@ class ModeRegistry:
         for t in descriptor.terminal_message_types:
             if t not in descriptor.message_types:
                 return f"terminal message type '{t}' must also appear in message_types"
-        with self._lock:
+        with self._lock, self._shared_change():
             if name in self._modes:
                 return f"mode '{name}' is already registered"
             spec_text = descriptor.schema_uris.get(SPEC_YAML_KEY)
@@ -155,7 +190,7 @@ class ModeRegistry:
         return None
 
     def unregister(self, name: str) -> str | None:
-        with self._lock:
+        with self._lock, self._shared_change():
             compiled = self._modes.get(name)
             if compiled is None:
                 return f"mode '{name}' not found"
@@ -176,7 +211,7 @@ class ModeRegistry:
     def promote(self, name: str, new_name: str = "") -> tuple[str | None, str]:
         """Make a mode standards-track (and strict at SessionStart), optionally under a new name.
         Returns (error text or None, final name)."""
-        with self._lock:
+        with self._lock, self._shared_change():
             compiled = self._modes.get(name)
             if compiled is None:
                 return f"mode '{name}' not found", ""

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -253,6 +254,35 @@ class PolicyRegistry:
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StorageError(f"the stored policy registry is damaged: {exc}") from None
 
+    def _shared_change(self):
+        """Shared documents (several instances): the change is one transaction under the document's
+        lock, made against the document as it is now, not as this instance last saw it."""
+        locked = getattr(self._documents, "locked", None)
+        if locked is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(locked(DOCUMENT))
+        try:
+            self._policies = {DEFAULT_POLICY_ID: self._policies[DEFAULT_POLICY_ID]}
+            self._load()
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def reload(self) -> None:
+        """Another instance changed the shared registry: read it again and tell the watchers."""
+        with self._lock:
+            previous = self._policies
+            self._policies = {DEFAULT_POLICY_ID: previous[DEFAULT_POLICY_ID]}
+            try:
+                self._load()
+            except Exception:
+                self._policies = previous
+                raise
+            self._texts.clear()
+            self.changes.publish(self.list())
+
     def _save(self, policies: dict[str, BoundPolicy]) -> None:
         if self._documents is None:
             return
@@ -308,7 +338,7 @@ class PolicyRegistry:
         if error is not None:
             return error
         policy = BoundPolicy(policy_id, mode, description, rules, schema_version)
-        with self._lock:
+        with self._lock, self._shared_change():
             if policy_id in self._policies:
                 return f"policy '{policy_id}' is already registered"
             updated = dict(self._policies)
@@ -322,7 +352,7 @@ class PolicyRegistry:
         """Remove a policy. Returns the §10.4 error text, or None. Sessions keep their bound copy."""
         if policy_id == DEFAULT_POLICY_ID:
             return "cannot unregister the built-in default policy"
-        with self._lock:
+        with self._lock, self._shared_change():
             if policy_id not in self._policies:
                 return f"policy '{policy_id}' not found"
             updated = dict(self._policies)

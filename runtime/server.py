@@ -44,6 +44,7 @@ class Runtime:
         self.cfg = cfg
         self.store = None
         self.server = None
+        self.cluster = None
         self.port = None
         self._stopped = threading.Event()
 
@@ -54,17 +55,28 @@ class Runtime:
             "config": cfg.describe(),
             "env": {k: mask(k, v) for k, v in sorted(os.environ.items()) if k.startswith("MACP_")}}})
         modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs)
-        self.store = open_store(cfg.memory_only, cfg.data_dir)
+        postgres = cfg.storage_backend == "postgres" and not cfg.memory_only
+        if postgres:
+            self.store = open_store(False, backend="postgres", database_url=cfg.database_url,
+                                    pool_size=cfg.database_pool_size)
+        else:
+            self.store = open_store(cfg.memory_only, cfg.data_dir)
         try:
             report = self.store.open()
         except Exception as exc:
             raise StartupError(f"cannot open storage: {exc}") from None
+        # Registry documents live beside the sessions: in the shared database for postgres.
+        shared_documents = self.store.documents() if postgres else None
+
+        def documents():
+            return shared_documents or open_documents(cfg.memory_only, cfg.data_dir)
+
         try:  # policies first: replay must not depend on them, but new sessions bind against them
-            policies = PolicyRegistry(open_documents(cfg.memory_only, cfg.data_dir))
+            policies = PolicyRegistry(documents())
         except StorageError as exc:
             raise StartupError(f"cannot load the policy registry: {exc}") from None
         try:  # registered and promoted modes before replay: their sessions replay through them
-            restored = modes.attach_documents(open_documents(cfg.memory_only, cfg.data_dir))
+            restored = modes.attach_documents(documents())
         except StorageError as exc:
             raise StartupError(f"cannot load the mode registry: {exc}") from None
         if restored:
@@ -73,9 +85,19 @@ class Runtime:
             log.warning("configuration: %s", warning)
         engine = Engine(modes, policies, self.store)
         if not cfg.memory_only:
-            engine.spec_archive = SpecArchive(open_documents(False, cfg.data_dir))
+            engine.spec_archive = SpecArchive(documents())
         recovered, failed = engine.recover(strict=cfg.strict_recovery)
-        where = "memory only (nothing survives a restart)" if cfg.memory_only else f"durable log in {cfg.data_dir}"
+        if postgres:   # other instances' changes reach this one (fan-out, registries)
+            from .cluster import ClusterBus
+            from .config import mask_url
+
+            self.cluster = ClusterBus(cfg.database_url, engine, shared_documents,
+                                      {"policies": policies.reload, "modes": modes.reload})
+            self.cluster.start()
+            engine.cluster = self.cluster
+            where = f"PostgreSQL {mask_url(cfg.database_url)} (shared with other instances)"
+        else:
+            where = "memory only (nothing survives a restart)" if cfg.memory_only else f"durable log in {cfg.data_dir}"
         log.info("storage: %s; recovered %d sessions from %d records in %.2fs%s", where, recovered,
                  report.records, time.perf_counter() - t0, f"; {failed} sessions could not be recovered" if failed else "")
         if report.dropped_records or report.problems:
@@ -156,6 +178,8 @@ class Runtime:
             self.engine.policies.close()   # policy watch streams end (OK) instead of using up the grace period
             self.engine.close()            # the sweep stops; session streams and the other watches end
             stopping.wait()
+        if self.cluster is not None:
+            self.cluster.close()
         if self.store is not None:
             self.store.close()
         log.info("stopped")

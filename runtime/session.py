@@ -27,7 +27,7 @@ class Session:
         "initiator", "participants", "participant_set", "mode_version", "configuration_version",
         "policy_version", "policy", "intent", "context_id", "extension_keys", "ttl_ms",
         "started_at_ms", "deadline_ms", "seen", "activity", "resolution",
-        "suspended_at_ms", "accumulated_suspended_ms", "lock", "gone", "log_length",
+        "suspended_at_ms", "accumulated_suspended_ms", "lock", "gone", "log_length", "incarnation",
     )
 
     def __init__(self, session_id: str, compiled, initiator: str, start_payload, policy, started_at_ms: int,
@@ -61,6 +61,7 @@ class Session:
         self.lock = threading.Lock()
         self.gone = False          # set when a SessionStart failed to become durable
         self.log_length = 0
+        self.incarnation = 0       # a shared store's incarnation number of this session id (1, 2, …)
         self.state = compiled.initial_state(self)
 
     def note_activity(self, sender: str, at_ms: int) -> None:
