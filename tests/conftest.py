@@ -19,6 +19,8 @@ import pytest
 from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# PostgreSQL for the multi-instance tests: a session fixture that starts a throw-away server.
+pytest_plugins = ["pgkit"]
 
 
 def free_port() -> int:
