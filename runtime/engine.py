@@ -23,6 +23,7 @@ from macp.v1 import core_pb2, envelope_pb2
 
 from .auth import Identity
 from .broadcast import Broadcaster
+from .checkpoints import Checkpointer, checkpoint_record, restore as restore_checkpoint
 from .errors import Kind, MacpError, StatusError
 from .ids import valid_session_id
 from .metrics import NO_METRICS
@@ -34,7 +35,8 @@ from .specs.hooks.common import is_blank
 from .specs.hooks.context import Reject
 from .specs.hooks.policy_rules import BoundPolicy, commitment_authority_allows
 from .storage import (ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, LogRecord, StorageError, Store)
-from .storage.base import AppendConflict
+from .storage.base import AppendConflict, is_terminal_checkpoint
+from .storage.records_pb2 import ENTRY_KIND_CHECKPOINT
 
 import grpc
 
@@ -92,6 +94,12 @@ class Engine:
         self.retention_ms = DEFAULT_RETENTION_MS
         self._evicted: dict[str, int] = {}                 # shared: id -> incarnation evicted here
         self.cluster = None                                # ClusterBus (runtime/cluster.py) when shared
+        # Checkpoints (runtime/checkpoints.py): written to a durable store of one instance only.
+        self.checkpoints = bool(getattr(store, "durable", False)) and not self.shared
+        self.checkpoint_interval = 0                       # MACP_CHECKPOINT_INTERVAL (0 = off)
+        self._checkpointer = Checkpointer(self._write_terminal_checkpoints)
+        self._policy_cache: dict[str, BoundPolicy] = {}    # binding JSON -> policy, during recovery
+        self._restored_from_checkpoint = False             # what the last _replay_session did
 
     # --- SessionStart (§5.2) ---------------------------------------------------------------------
 
@@ -99,10 +107,20 @@ class Engine:
         session_id = env.session_id
         if not valid_session_id(session_id):
             raise MacpError(Kind.InvalidSessionId, detail=f"session id {session_id!r} is not a UUID v4/v7 or base64url")
-        compiled, start = self._check_start(env.mode, env.payload)
+        try:
+            compiled, start = self._check_start(env.mode, env.payload)
+        except MacpError as exc:   # shared: maybe registered through another instance a moment ago
+            if not (self.shared and exc.kind is Kind.UnknownMode and self._reload_registry(self.modes)):
+                raise
+            compiled, start = self._check_start(env.mode, env.payload)
         now = self.clock()
         if self.shared:
-            return self._start_shared(env, identity, compiled, start, now)
+            try:
+                return self._start_shared(env, identity, compiled, start, now)
+            except MacpError as exc:
+                if exc.kind is not Kind.UnknownPolicyVersion or not self._reload_registry(self.policies):
+                    raise
+                return self._start_shared(env, identity, compiled, start, now)
         while True:
             with self._table_lock:
                 existing = self._sessions.get(session_id)
@@ -242,10 +260,13 @@ class Engine:
         if resolution is not None:
             session.resolution = resolution
             session.status = RESOLVED
+            self._terminal(session)
             log.debug("session %s resolved (%s)", session.session_id, session.mode)
         self._publish(session, env)
         if resolution is not None:
             self._emit(RESOLVED_EVENT, session, now)
+        elif self.checkpoint_interval:
+            self._interval_checkpoint(session, now)
         return Outcome(False, session.status)
 
     # --- lookups and session RPCs ----------------------------------------------------------------
@@ -308,6 +329,7 @@ class Engine:
             self._append(session, _internal(session, "SessionCancel", payload, now))
             session.status = CANCELLED
             session.suspended_at_ms = None
+            self._terminal(session)
             self._emit(CANCELLED_EVENT, session, now)
             log.info("session %s cancelled by %s", session_id, sender)
             return Outcome(False, session.status)
@@ -346,6 +368,7 @@ class Engine:
                 self._emit(RESUMED_EVENT, session, now)
                 log.info("session %s resumed by %s after %d ms", session_id, identity.sender, banked)
                 return Outcome(False, session.status)
+            self._terminal(session)
             self._emit(EXPIRED_EVENT, session, now)
             log.info("session %s expired: suspended for more than 7 days in total", session_id)
             raise MacpError(Kind.SessionNotOpen, detail="the session was suspended for more than 7 days in total")
@@ -495,6 +518,7 @@ class Engine:
             stream.shutdown()
         if self._sweeper is not None:
             self._sweeper.join(5)
+        self._checkpointer.close()   # what is queued is written before the store closes
 
     # --- storage ---------------------------------------------------------------------------------
 
@@ -527,6 +551,7 @@ class Engine:
         self._append(session, _internal(session, "TtlExpired", b"", now))
         session.status = EXPIRED
         session.suspended_at_ms = None
+        self._terminal(session)
         self._emit(EXPIRED_EVENT, session, now)
         log.info("session %s expired", session.session_id)
 
@@ -579,6 +604,20 @@ class Engine:
                 checked = True
                 if not self._catch_up(session):
                     return result
+
+    @staticmethod
+    def _reload_registry(registry) -> bool:
+        """Read a shared registry again before refusing a name it lacks (the change notification
+        from the instance that registered it may still be on its way). True when reloaded."""
+        reload = getattr(registry, "reload", None)
+        if reload is None:
+            return False
+        try:
+            reload()
+        except Exception as exc:
+            log.warning("could not reload a registry: %s", exc)
+            return False
+        return True
 
     def _lookup_locked(self, session: Session) -> Session:
         try:
@@ -835,13 +874,17 @@ class Engine:
     # --- recovery --------------------------------------------------------------------------------
 
     def recover(self, strict: bool = False) -> tuple[int, int]:
-        """Rebuild every stored session by replaying its history. Returns (recovered, failed)."""
+        """Rebuild every stored session: from its last checkpoint when it has one, else by replaying
+        its history. Returns (recovered, failed). Terminal sessions that had no terminal checkpoint
+        get one written in the background; then the store may start its own maintenance."""
         if self.shared:
             return self._recover_shared(strict)
-        recovered = failed = 0
+        recovered = failed = from_checkpoint = 0
+        missing: list[Session] = []
         for session_id, records in self.store.replay():
             try:
-                session = self._replay_session(session_id, records)
+                session = self._replay_session(session_id, records,
+                                               fallback=lambda sid=session_id: self.store.full_history(sid))
             except Exception as exc:  # one bad session must not keep the others down
                 failed += 1
                 log.warning("session %s could not be recovered: %s", session_id, exc)
@@ -851,51 +894,177 @@ class Engine:
             if session is not None:
                 self._sessions[session_id] = session
                 recovered += 1
+                if self._restored_from_checkpoint:
+                    from_checkpoint += 1
+                if self.checkpoints and session.status in TERMINAL and (
+                        not self._restored_from_checkpoint or not _has_terminal_checkpoint(records)):
+                    missing.append(session)
+        self._policy_cache.clear()
+        if recovered:
+            log.info("recovery: %d sessions, %d of them from a checkpoint without replaying messages; "
+                     "%d terminal sessions get a checkpoint now", recovered, from_checkpoint, len(missing))
+        for session in missing:
+            self._checkpointer.add(session)
+        self.store.start_maintenance()
         return recovered, failed
 
-    def _replay_session(self, session_id: str, records: list[LogRecord]) -> Session | None:
+    def _replay_session(self, session_id: str, records: list[LogRecord], fallback=None) -> Session | None:
+        """The session rebuilt from its history: restored from the last checkpoint, then the records
+        after it applied. When that checkpoint cannot be restored, `fallback()` (if given) supplies
+        the whole history, which is replayed from its SessionStart instead."""
+        self._restored_from_checkpoint = False
+        last = next((i for i in range(len(records) - 1, -1, -1) if records[i].kind == ENTRY_KIND_CHECKPOINT), None)
+        if last is not None:
+            try:
+                session = restore_checkpoint(session_id, records[last], self._compiled_for, self._policy_for)
+            except Exception as exc:
+                if fallback is None:
+                    raise ValueError(f"its checkpoint cannot be restored: {exc}") from None
+                log.warning("session %s: its checkpoint cannot be restored (%s); replaying its messages",
+                            session_id, exc)
+                records = fallback()
+            else:
+                for rec in records[last + 1:]:
+                    self._replay_record(session, rec)
+                session.log_length = len(records)
+                self._restored_from_checkpoint = True
+                return session
         first = next((i for i, r in enumerate(records)
                       if r.kind == ENTRY_KIND_INCOMING and r.message_type == "SessionStart"), None)
         if first is None:
-            raise ValueError("history has no SessionStart")
+            raise ValueError("history has no SessionStart" + (" (and its checkpoint is unusable)" if last is not None
+                                                              else ""))
         start_rec = records[first]
         compiled, start = self._check_start(start_rec.mode, start_rec.payload)
         if self.spec_archive is not None:   # the rules the session started with, not today's
             compiled = self.spec_archive.compiled(start_rec.mode_spec_digest, compiled)
         base = start_rec.timestamp_unix_ms or start_rec.received_at_ms
-        bound = BoundPolicy.from_json(start_rec.policy_binding) if start_rec.policy_binding else None
+        bound = self._bound_policy(start_rec.policy_binding) if start_rec.policy_binding else None
         session = self._new_session(session_id, compiled, start_rec.sender, start,
                                     start_rec.received_at_ms, base + start.ttl_ms, bound)
         session.seen.add(start_rec.message_id)
         session.log_length = len(records)
         for rec in records[first + 1:]:
-            if rec.kind == ENTRY_KIND_INCOMING:
-                if session.status == OPEN:
-                    try:
-                        plan = compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
-                                                 rec.timestamp_unix_ms)
-                    except Reject as exc:
-                        raise ValueError(f"replay of {rec.message_type} {rec.message_id!r} was refused: {exc}") from None
-                    session.note_activity(rec.sender, rec.received_at_ms)
-                    resolution = compiled.apply(session, plan)
-                    if resolution is not None:
-                        session.resolution = resolution
-                        session.status = RESOLVED
-                session.seen.add(rec.message_id)
-            elif rec.kind == ENTRY_KIND_INTERNAL:
-                kind = rec.message_type
-                if kind == "TtlExpired":
-                    session.status = EXPIRED
-                    session.suspended_at_ms = None
-                elif kind == "SessionCancel":
-                    session.status = CANCELLED
-                    session.suspended_at_ms = None
-                elif kind == "SessionSuspend" and session.status == OPEN:
-                    session.status = SUSPENDED
-                    session.suspended_at_ms = rec.received_at_ms
-                elif kind == "SessionResume" and session.status == SUSPENDED:
-                    _resume(session, max(0, rec.received_at_ms - session.suspended_at_ms))
+            self._replay_record(session, rec)
         return session
+
+    def _replay_record(self, session: Session, rec: LogRecord) -> None:
+        """Apply one logged record during replay (checkpoints before the last one are skipped)."""
+        if rec.kind == ENTRY_KIND_INCOMING:
+            if session.status == OPEN:
+                compiled = session.compiled
+                try:
+                    plan = compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
+                                             rec.timestamp_unix_ms)
+                except Reject as exc:
+                    raise ValueError(f"replay of {rec.message_type} {rec.message_id!r} was refused: {exc}") from None
+                session.note_activity(rec.sender, rec.received_at_ms)
+                resolution = compiled.apply(session, plan)
+                if resolution is not None:
+                    session.resolution = resolution
+                    session.status = RESOLVED
+            session.seen.add(rec.message_id)
+        elif rec.kind == ENTRY_KIND_INTERNAL:
+            kind = rec.message_type
+            if kind == "TtlExpired":
+                session.status = EXPIRED
+                session.suspended_at_ms = None
+            elif kind == "SessionCancel":
+                session.status = CANCELLED
+                session.suspended_at_ms = None
+            elif kind == "SessionSuspend" and session.status == OPEN:
+                session.status = SUSPENDED
+                session.suspended_at_ms = rec.received_at_ms
+            elif kind == "SessionResume" and session.status == SUSPENDED:
+                _resume(session, max(0, rec.received_at_ms - session.suspended_at_ms))
+
+    def _compiled_for(self, mode: str, digest: str):
+        compiled = self.modes.get(mode)
+        if compiled is None:
+            raise ValueError(f"mode {mode!r} is not registered")
+        if self.spec_archive is not None:
+            compiled = self.spec_archive.compiled(digest, compiled)
+        return compiled
+
+    def _bound_policy(self, definition: str) -> BoundPolicy:
+        policy = self._policy_cache.get(definition)
+        if policy is None:
+            policy = self._policy_cache[definition] = BoundPolicy.from_json(definition)
+        return policy
+
+    def _policy_for(self, definition: str, policy_version: str, mode: str) -> BoundPolicy:
+        if definition:
+            return self._bound_policy(definition)
+        return self.policies.bind(policy_version, mode)[0]
+
+    # --- checkpoints (runtime/checkpoints.py) ------------------------------------------------------
+
+    def _terminal(self, session: Session) -> None:
+        """The session just became terminal (its lock is held): queue its terminal checkpoint."""
+        if self.checkpoints:
+            self._checkpointer.add(session)
+
+    def _interval_checkpoint(self, session: Session, now: int) -> None:
+        """MACP_CHECKPOINT_INTERVAL (runtime.md §10.4), after an accepted non-terminal message."""
+        n = self.checkpoint_interval
+        length = session.log_length
+        if not self.checkpoints or session.status != OPEN or length < n or length % n:
+            return
+        record = checkpoint_record(session, now, terminal=False)
+        if record is None:
+            return
+        try:
+            self._append(session, record)
+        except MacpError as exc:   # the message itself is durable and applied; replay just takes longer
+            log.warning("session %s: interval checkpoint not written: %s", session.session_id, exc)
+
+    def _write_terminal_checkpoints(self, sessions: list[Session]) -> None:
+        """Checkpointer thread: one durable append for a batch of terminal sessions. Each session's lock
+        is held from its snapshot until its checkpoint is indexed, so nothing (eviction, a new
+        incarnation of the id) comes between."""
+        locked: list[Session] = []
+        records: list[LogRecord] = []
+        now = self.clock()
+        try:
+            for session in sessions:
+                session.lock.acquire()
+                if session.gone or session.status not in TERMINAL:
+                    session.lock.release()
+                    continue
+                try:
+                    record = checkpoint_record(session, now, terminal=True)
+                except Exception as exc:
+                    log.warning("session %s: no terminal checkpoint: %s", session.session_id, exc)
+                    record = None
+                if record is None:
+                    session.lock.release()
+                    continue
+                locked.append(session)
+                records.append(record)
+            if not records:
+                return
+            try:
+                indices = self.store.append_many(records)
+            except StorageError as exc:
+                log.warning("terminal checkpoints of %d sessions not written (a restart replays them): %s",
+                            len(records), exc)
+                return
+            for session, index in zip(locked, indices):
+                session.log_length = index + 1
+        finally:
+            for session in locked:
+                session.lock.release()
+
+    def flush_checkpoints(self, timeout: float = 10.0) -> bool:
+        """Wait until the queued terminal checkpoints are written (tests and benchmarks)."""
+        return self._checkpointer.flush(timeout)
+
+
+def _has_terminal_checkpoint(records: list[LogRecord]) -> bool:
+    for rec in reversed(records):
+        if rec.kind == ENTRY_KIND_CHECKPOINT:
+            return is_terminal_checkpoint(rec)
+    return False
 
 
 def _resume(session: Session, banked: int) -> bool:

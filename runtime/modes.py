@@ -123,8 +123,11 @@ class ModeRegistry:
     def reload(self) -> None:
         """Another instance changed the shared registry: read it again and tell the watchers."""
         with self._lock:
+            before = dict(self._entries)
             self._reload_locked()
-        self._changed()
+            changed = self._entries != before
+        if changed:
+            self._changed()
 
     def _restore(self, entry: dict) -> None:
         name = entry["name"]

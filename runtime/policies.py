@@ -274,6 +274,7 @@ class PolicyRegistry:
         """Another instance changed the shared registry: read it again and tell the watchers."""
         with self._lock:
             previous = self._policies
+            before = self.list()
             self._policies = {DEFAULT_POLICY_ID: previous[DEFAULT_POLICY_ID]}
             try:
                 self._load()
@@ -281,7 +282,9 @@ class PolicyRegistry:
                 self._policies = previous
                 raise
             self._texts.clear()
-            self.changes.publish(self.list())
+            after = self.list()
+            if after != before:
+                self.changes.publish(after)
 
     def _save(self, policies: dict[str, BoundPolicy]) -> None:
         if self._documents is None:

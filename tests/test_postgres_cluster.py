@@ -209,7 +209,7 @@ def test_watchers_and_registries_span_instances(trio):
         assert registry.recv(10).change.registry == "modes"
         assert name in [m.mode for m in b.ListExtModes(core_pb2.ListExtModesRequest()).modes]
         ext_sid = new_session_id()
-        assert send(b, envelope(name, "SessionStart", ext_sid, "coordinator",
+        assert send(c, envelope(name, "SessionStart", ext_sid, "coordinator",
                                 start_payload(PEOPLE, mode_version="1.0.0"))).ok
         assert send(c, envelope(name, "Note", ext_sid, "alice", b"hi")).ok
         # a policy registered on B is known to C at once
@@ -217,7 +217,18 @@ def test_watchers_and_registries_span_instances(trio):
                                              description="d", rules="{}", schema_version=1)
         assert b.RegisterPolicy(policy_pb2.RegisterPolicyRequest(policy_descriptor=policy),
                                 metadata=bearer("admin")).ok
-        got = c.GetPolicy(policy_pb2.GetPolicyRequest(policy_id=policy.policy_id), metadata=bearer("x"))
+        # a session bound to it starts through C at once (C reloads the registry rather than refuse)
+        bound_sid = new_session_id()
+        assert send(c, envelope(MODE, "SessionStart", bound_sid, "coordinator",
+                                start_payload(PEOPLE, policy_version=policy.policy_id))).ok
+        deadline = time.monotonic() + 5   # reads follow the change notification
+        while True:
+            try:
+                got = c.GetPolicy(policy_pb2.GetPolicyRequest(policy_id=policy.policy_id), metadata=bearer("x"))
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "C never learnt of the policy"
+                time.sleep(0.05)
         assert got.policy_descriptor.policy_id == policy.policy_id
         # ListSessions on A knows a session only B and C ever saw
         listed = a.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("x")).sessions

@@ -11,7 +11,9 @@ Tables:
   serialises appends of one session across instances and a stale writer finds 0 rows.
 * `macp_records`: the serialized `LogRecord`s, keyed (session_id, incarnation, idx) with idx the
   0-based index in the incarnation (gap-free by construction); message ids are unique per incarnation.
-  An insert trigger NOTIFYs `macp_log` with "session_id incarnation idx", delivered at commit.
+  Migration 1 had an insert trigger NOTIFY `macp_log` per record; migration 2 drops it, because a
+  transaction that NOTIFYs holds a database-wide lock through its commit (WAL flush included), which
+  serialised every append. The store now NOTIFYs after commit, in batches (storage/postgres.py).
 * `macp_documents`: registry documents (policies, modes, archived specs) as JSON text with a version.
 """
 from __future__ import annotations
@@ -53,6 +55,10 @@ CREATE TABLE macp_documents (
     version    bigint NOT NULL DEFAULT 1,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+"""),
+    (2, "notify after commit, not from a trigger inside the append", """
+DROP TRIGGER macp_records_notify ON macp_records;
+DROP FUNCTION macp_notify_record();
 """),
 ]
 

@@ -11,6 +11,12 @@ the record in the same transaction; a writer that is behind gets `AppendConflict
 reads what it missed with `since()`, and judges again. The record's (session_id, incarnation,
 message_id) key is unique, so a message id can never be stored twice even by a writer that forgot to
 look. See pg_migrations.py for the tables.
+
+After each append commits, "session_id incarnation idx" is queued for the `macp_log` channel; one
+notifier thread sends whatever is queued as one statement (NOTIFY inside the append would hold
+PostgreSQL's notify lock through the commit's WAL flush and serialise all appends). The notifications
+only wake other instances, which then read the log by index; one lost with a crash between commit and
+notify is made up by the next notification of that session or by their periodic re-read.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ WITH s AS (
     RETURNING incarnation, length - 1 AS idx)
 INSERT INTO macp_records (session_id, incarnation, idx, message_id, message_type, record)
 SELECT %(sid)s, s.incarnation, s.idx, %(mid)s, %(mtype)s, %(rec)s FROM s
-RETURNING idx"""
+RETURNING incarnation, idx"""
 
 _START_FIRST = """
 WITH s AS (
@@ -45,7 +51,7 @@ WITH s AS (
     RETURNING incarnation)
 INSERT INTO macp_records (session_id, incarnation, idx, message_id, message_type, record)
 SELECT %(sid)s, s.incarnation, 0, %(mid)s, %(mtype)s, %(rec)s FROM s
-RETURNING idx"""
+RETURNING incarnation, idx"""
 
 _START_NEXT = """
 WITH s AS (
@@ -54,7 +60,7 @@ WITH s AS (
     RETURNING incarnation)
 INSERT INTO macp_records (session_id, incarnation, idx, message_id, message_type, record)
 SELECT %(sid)s, s.incarnation, 0, %(mid)s, %(mtype)s, %(rec)s FROM s
-RETURNING idx"""
+RETURNING incarnation, idx"""
 
 # Unconditional appends (the plain Store contract, for a single writer).
 _APPEND_ANY = """
@@ -64,7 +70,7 @@ WITH s AS (
     RETURNING t.incarnation, t.length - 1 AS idx)
 INSERT INTO macp_records (session_id, incarnation, idx, message_id, message_type, record)
 SELECT %(sid)s, s.incarnation, s.idx, %(mid)s, %(mtype)s, %(rec)s FROM s
-RETURNING idx"""
+RETURNING incarnation, idx"""
 
 _START_ANY = """
 WITH s AS (
@@ -73,7 +79,7 @@ WITH s AS (
     RETURNING t.incarnation)
 INSERT INTO macp_records (session_id, incarnation, idx, message_id, message_type, record)
 SELECT %(sid)s, s.incarnation, 0, %(mid)s, %(mtype)s, %(rec)s FROM s
-RETURNING idx"""
+RETURNING incarnation, idx"""
 
 _SINCE = """
 SELECT incarnation, record FROM macp_records
@@ -110,6 +116,9 @@ class PostgresStore(Store):
         self._closed = False
         #: statements sent (each one round trip), for benchmarks and tests
         self.round_trips = 0
+        self._notes: list[str] = []
+        self._notes_cond = threading.Condition(threading.Lock())
+        self._notifier: threading.Thread | None = None
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -136,14 +145,38 @@ class PostgresStore(Store):
             self.pool.open(wait=True, timeout=self.connect_timeout)
         except Exception as exc:
             raise StorageError(f"cannot open the connection pool: {exc}") from None
+        self._notifier = threading.Thread(target=self._notify_loop, name="pg-notify", daemon=True)
+        self._notifier.start()
         return RecoveryReport(sessions=sessions, records=int(records))
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._notes_cond:
+            self._closed = True
+            self._notes_cond.notify()
+        if self._notifier is not None:
+            self._notifier.join(5)
         if self.pool is not None:
             self.pool.close()
+
+    def _notify_loop(self) -> None:
+        """Send queued record notifications, everything queued at once, until closed (then flush)."""
+        while True:
+            with self._notes_cond:
+                while not self._notes and not self._closed:
+                    self._notes_cond.wait()
+                notes, self._notes = self._notes, []
+                closed = self._closed
+            if notes:
+                try:
+                    with self.pool.connection() as conn:
+                        self.round_trips += 1
+                        conn.execute("SELECT pg_notify(%s, n) FROM unnest(%s::text[]) AS n", (LOG_CHANNEL, notes))
+                except Exception as exc:   # others catch up at their next notification or re-read
+                    log.warning("postgres: %d record notifications not sent: %s", len(notes), exc)
+            if closed:
+                return
 
     @contextlib.contextmanager
     def _conn(self):
@@ -195,7 +228,11 @@ class PostgresStore(Store):
                 raise AppendConflict(record.session_id) from None
         if row is None:
             raise AppendConflict(record.session_id)
-        return row[0]
+        incarnation, index = row
+        with self._notes_cond:
+            self._notes.append(f"{record.session_id} {incarnation} {index}")
+            self._notes_cond.notify()
+        return index
 
     # --- reads -----------------------------------------------------------------------------------
 
