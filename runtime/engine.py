@@ -161,7 +161,8 @@ class Engine:
             self._emit(CREATED, session, now)
         finally:
             session.lock.release()
-        log.debug("session %s started (%s) by %s", session_id, compiled.name, identity.sender)
+        log.info("session created", extra={"fields": {"session_id": session_id, "mode": compiled.name,
+                                                      "initiator": identity.sender}})
         return Outcome(False, session.status)
 
     def _check_start(self, mode_name: str, raw: bytes):
@@ -261,7 +262,8 @@ class Engine:
             session.resolution = resolution
             session.status = RESOLVED
             self._terminal(session)
-            log.debug("session %s resolved (%s)", session.session_id, session.mode)
+            log.info("session resolved", extra={"fields": {"session_id": session.session_id, "mode": session.mode,
+                                                            "by": sender}})
         self._publish(session, env)
         if resolution is not None:
             self._emit(RESOLVED_EVENT, session, now)

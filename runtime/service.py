@@ -93,7 +93,10 @@ class MacpService(PolicyRpcs, StreamRpcs, RegistryRpcs, core_pb2_grpc.MACPRuntim
             else:
                 outcome = self.engine.process_message(env, identity)
         except MacpError as exc:
-            log.debug("rejected %s %s/%s: %s", env.message_type, env.session_id, env.message_id, exc)
+            log.info("message rejected", extra={"fields": {
+                "code": exc.code, "error": exc.message, "message_type": env.message_type, "mode": env.mode,
+                "session_id": env.session_id, "message_id": env.message_id, "sender": env.sender,
+                "detail": exc.detail}})
             metrics.send_done(env.mode, env.message_type, exc.code, perf_counter() - started)
             return core_pb2.SendResponse(ack=_error_ack(exc, env.message_id, env.session_id))
         metrics.send_done(env.mode, env.message_type, "", perf_counter() - started)
