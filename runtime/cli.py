@@ -40,6 +40,15 @@ def _serve_parser(sub) -> None:
                    help="PostgreSQL connections per instance (MACP_DATABASE_POOL_SIZE, default 10)")
     p.add_argument("--strict-recovery", dest="strict_recovery", action="store_const", const=True,
                    help="refuse to start when any stored session fails to replay (MACP_STRICT_RECOVERY=1)")
+    p.add_argument("--checkpoint-interval", dest="checkpoint_interval", type=int, metavar="N",
+                   help="checkpoint an open session every N log entries so a restart replays less "
+                        "(MACP_CHECKPOINT_INTERVAL, default 0 = only terminal checkpoints)")
+    p.add_argument("--wal-segment-bytes", dest="wal_segment_bytes", type=int, metavar="N",
+                   help="file backend: start a new log segment once one reaches N bytes "
+                        "(MACP_WAL_SEGMENT_BYTES, default 67108864)")
+    p.add_argument("--compact-dead-ratio", dest="compact_dead_ratio", type=float, metavar="R",
+                   help="file backend: rewrite a sealed log segment once this share of its records is "
+                        "covered by later checkpoints (MACP_COMPACT_DEAD_RATIO, default 0.5; 0 = never)")
     p.add_argument("--max-payload-bytes", dest="max_payload_bytes", type=int, metavar="N",
                    help="largest envelope payload accepted (MACP_MAX_PAYLOAD_BYTES, default 1048576)")
     p.add_argument("--session-start-limit", dest="session_start_limit_per_minute", type=int, metavar="N",

@@ -24,6 +24,9 @@ class Config:
     database_url: str | None = None       # MACP_STORAGE_BACKEND=postgres: libpq URL or key=value string
     database_pool_size: int = 10          # connections per instance (plus one that LISTENs)
     strict_recovery: bool = False
+    checkpoint_interval: int = 0          # interval checkpoint every N log entries of an open session; 0 = off
+    wal_segment_bytes: int = 64 * 1024 * 1024   # file store: a new log segment once one reaches this size
+    compact_dead_ratio: float = 0.5       # file store: rewrite a sealed segment at this dead share; 0 = never
     max_payload_bytes: int = 1_048_576
     session_start_limit_per_minute: int = 60
     message_limit_per_minute: int = 600
@@ -64,6 +67,9 @@ ENV_VARS = [
     ("MACP_DATABASE_URL", "database_url", "str"),
     ("MACP_DATABASE_POOL_SIZE", "database_pool_size", "posint"),
     ("MACP_STRICT_RECOVERY", "strict_recovery", "flag1"),
+    ("MACP_CHECKPOINT_INTERVAL", "checkpoint_interval", "count"),
+    ("MACP_WAL_SEGMENT_BYTES", "wal_segment_bytes", "posint"),
+    ("MACP_COMPACT_DEAD_RATIO", "compact_dead_ratio", "ratio"),
     ("MACP_MAX_PAYLOAD_BYTES", "max_payload_bytes", "posint"),
     ("MACP_SESSION_START_LIMIT_PER_MINUTE", "session_start_limit_per_minute", "posint"),
     ("MACP_MESSAGE_LIMIT_PER_MINUTE", "message_limit_per_minute", "posint"),
@@ -110,6 +116,22 @@ def from_env(environ=None, overrides: dict | None = None) -> Config:
                 setattr(cfg, field, value)
             except ValueError:
                 problems.append(f"{var} must be a positive integer, got {raw!r}")
+        elif kind == "count":
+            try:
+                value = int(raw)
+                if value < 0:
+                    raise ValueError
+                setattr(cfg, field, value)
+            except ValueError:
+                problems.append(f"{var} must be 0 or a positive integer, got {raw!r}")
+        elif kind == "ratio":
+            try:
+                value = float(raw)
+                if not 0 <= value <= 1:
+                    raise ValueError
+                setattr(cfg, field, value)
+            except ValueError:
+                problems.append(f"{var} must be a number from 0 to 1, got {raw!r}")
         elif kind == "secs":
             # As the reference: an unusable value falls back to the default (with a warning).
             try:
@@ -160,6 +182,12 @@ def _validate(cfg: Config) -> list[str]:
     for name in ("cleanup_interval_secs", "session_retention_secs"):
         if not getattr(cfg, name) > 0:
             problems.append(f"{name} must be a positive number of seconds")
+    if cfg.checkpoint_interval < 0:
+        problems.append("checkpoint_interval must be 0 or a positive integer")
+    if cfg.wal_segment_bytes <= 0:
+        problems.append("wal_segment_bytes must be a positive integer")
+    if not 0 <= cfg.compact_dead_ratio <= 1:
+        problems.append("compact_dead_ratio must be a number from 0 to 1")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log level must be debug, info, warning or error, got {cfg.log_level!r}")
     return problems

@@ -60,7 +60,8 @@ class Runtime:
             self.store = open_store(False, backend="postgres", database_url=cfg.database_url,
                                     pool_size=cfg.database_pool_size)
         else:
-            self.store = open_store(cfg.memory_only, cfg.data_dir)
+            self.store = open_store(cfg.memory_only, cfg.data_dir, segment_bytes=cfg.wal_segment_bytes,
+                                    compact_dead_ratio=cfg.compact_dead_ratio or None)
         try:
             report = self.store.open()
         except Exception as exc:
@@ -84,6 +85,7 @@ class Runtime:
         for warning in cfg.warnings:
             log.warning("configuration: %s", warning)
         engine = Engine(modes, policies, self.store)
+        engine.checkpoint_interval = cfg.checkpoint_interval
         if not cfg.memory_only:
             engine.spec_archive = SpecArchive(documents())
         recovered, failed = engine.recover(strict=cfg.strict_recovery)

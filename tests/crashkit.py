@@ -6,10 +6,16 @@ directory; the server is SIGKILLed at a random moment; then
 
 1. offline, the data directory is read back with the runtime's own store: every acknowledged
    message is present exactly once, in acknowledgement order, and at most one unacknowledged
-   record (the one in flight at the kill) follows the acknowledged ones of a session;
+   record (the one in flight at the kill) follows the acknowledged ones of a session. A session
+   whose history begins at a checkpoint (terminal before an earlier restart, its messages maybe
+   compacted away) has its acknowledged ids among the checkpoint's seen ids instead;
 2. the server restarts on the same directory and every session's state (GetSession) equals the
-   state obtained by replaying its durable records through a fresh in-process engine;
+   state obtained by replaying its durable records through a fresh in-process engine (or the
+   state its checkpoint records, which must agree with that replay wherever both exist);
 3. re-sending an acknowledged message id is answered `duplicate=true`.
+
+The server may run with small log segments and interval checkpoints (see tests/test_crash.py), so
+kills also land in checkpoint writes, segment rotation and background compaction.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ from macp_runtime.engine import Engine
 from macp_runtime.errors import MacpError
 from macp_runtime.modes import ModeRegistry
 from macp_runtime.policies import PolicyRegistry
-from macp_runtime.storage import ENTRY_KIND_INCOMING, FileLogStore, MemoryStore
+from macp_runtime.storage import (ENTRY_KIND_CHECKPOINT, ENTRY_KIND_INCOMING, FileLogStore, MemoryStore,
+                                   SessionSnapshot)
 
 MODE = "macp.mode.decision.v1"
 PARTICIPANTS = ["coordinator", "alice", "bob"]
@@ -122,13 +129,27 @@ def verify_offline(data_dir: str, ledger: Ledger) -> dict[str, list]:
         store.close()
     assert report.dropped_records == 0 or report.problems, report
     for sid, acked in ledger.acked.items():
-        records = [r for r in durable.get(sid, []) if r.kind == ENTRY_KIND_INCOMING]
-        ids = [r.message_id for r in records]
+        records = durable.get(sid, [])
+        covered, records = _split_at_checkpoint(records)
+        ids = [r.message_id for r in records if r.kind == ENTRY_KIND_INCOMING]
         acked_ids = [a.message_id for a in acked]
+        in_checkpoint = sum(1 for a in acked_ids if a in covered)
+        assert all(a in covered for a in acked_ids[:in_checkpoint]), f"{sid}: checkpoint lacks an earlier ack"
+        acked_ids = acked_ids[in_checkpoint:]
         assert len(ids) == len(set(ids)), f"{sid}: a message appears twice in the log"
+        assert not covered & set(ids), f"{sid}: a message both in the checkpoint and after it"
         assert ids[:len(acked_ids)] == acked_ids, f"{sid}: acknowledged messages missing or out of order"
-        assert len(ids) - len(acked_ids) <= 1, f"{sid}: more than one unacknowledged record"
+        assert len(covered) - in_checkpoint + len(ids) - len(acked_ids) <= 1, \
+            f"{sid}: more than one unacknowledged record"
     return durable
+
+
+def _split_at_checkpoint(records: list) -> tuple[set, list]:
+    """(seen ids of the history's first entry when it is a checkpoint, the records after it).
+    A history that begins at its SessionStart gives (set(), all records)."""
+    if records and records[0].kind == ENTRY_KIND_CHECKPOINT:
+        return set(SessionSnapshot.FromString(records[0].payload).seen_message_ids), records[1:]
+    return set(), records
 
 
 def expected_states(durable: dict[str, list]) -> dict[str, int]:
@@ -138,7 +159,22 @@ def expected_states(durable: dict[str, list]) -> dict[str, int]:
     engine = Engine(ModeRegistry.from_spec_dirs(), PolicyRegistry(), store)
     out = {}
     for sid, records in durable.items():
+        if records and records[0].kind == ENTRY_KIND_CHECKPOINT:   # nothing before it is left to replay
+            snap = SessionSnapshot.FromString(records[0].payload)
+            assert all(r.kind == ENTRY_KIND_CHECKPOINT for r in records[1:]), f"{sid}: records after its end"
+            out[sid] = snap.status
+            continue
+        seen_before: set = set()
+        terminal = None
         for r in records:
+            if r.kind == ENTRY_KIND_CHECKPOINT:
+                # A checkpoint holds exactly the ids accepted before it; a terminal one ends the session.
+                snap = SessionSnapshot.FromString(r.payload)
+                assert set(snap.seen_message_ids) == seen_before, f"{sid}: checkpoint's seen ids differ"
+                terminal = snap if r.message_type == "TerminalCheckpoint" else None
+                continue
+            if r.kind == ENTRY_KIND_INCOMING:
+                seen_before.add(r.message_id)
             env = envelope_pb2.Envelope(macp_version=r.macp_version, mode=r.mode, message_type=r.message_type,
                                         message_id=r.message_id, session_id=sid, sender=r.sender,
                                         timestamp_unix_ms=r.timestamp_unix_ms, payload=r.payload)
@@ -150,6 +186,8 @@ def expected_states(durable: dict[str, list]) -> dict[str, int]:
             except MacpError as exc:
                 raise AssertionError(f"{sid}: durable record {r.message_type} does not replay: {exc}") from None
         out[sid] = engine.lookup(sid).status
+        if terminal is not None:
+            assert terminal.status == out[sid], f"{sid}: terminal checkpoint says {terminal.status}, replay {out[sid]}"
     return out
 
 

@@ -9,7 +9,12 @@ import abc
 import dataclasses
 from typing import Iterator
 
-from .records_pb2 import ENTRY_KIND_INCOMING, LogRecord
+from .records_pb2 import ENTRY_KIND_CHECKPOINT, ENTRY_KIND_INCOMING, LogRecord
+
+#: `message_type` of a checkpoint entry written while the session is open (MACP_CHECKPOINT_INTERVAL).
+CHECKPOINT = "Checkpoint"
+#: `message_type` of the checkpoint written once a session is terminal (see `is_terminal_checkpoint`).
+TERMINAL_CHECKPOINT = "TerminalCheckpoint"
 
 
 class StorageError(Exception):
@@ -43,6 +48,13 @@ def starts_incarnation(record: LogRecord) -> bool:
     return record.kind == ENTRY_KIND_INCOMING and record.message_type == "SessionStart"
 
 
+def is_terminal_checkpoint(record: LogRecord) -> bool:
+    """True for the checkpoint of a terminal session. It stands for everything before it: after a
+    restart a durable store's `history()` and `replay()` begin at the session's last such entry (the
+    envelopes before it are no longer shown, as the reference runtime), and a store may drop them."""
+    return record.kind == ENTRY_KIND_CHECKPOINT and record.message_type == TERMINAL_CHECKPOINT
+
+
 class Store(abc.ABC):
     """Session histories. See `starts_incarnation` for how a reused session id is handled."""
 
@@ -69,9 +81,24 @@ class Store(abc.ABC):
         Safe to call from many threads at once; records of one session keep their call order.
         """
 
+    def append_many(self, records: list[LogRecord]) -> list[int]:
+        """Append several records (e.g. checkpoints of several sessions); their indices, in order.
+
+        A durable store may make them durable together; all or none of them are appended."""
+        return [self.append(record) for record in records]
+
     @abc.abstractmethod
     def history(self, session_id: str) -> list[LogRecord]:
         """The session's records in append order ([] when unknown)."""
+
+    def full_history(self, session_id: str) -> list[LogRecord]:
+        """Recovery's fallback when a session's last terminal checkpoint cannot be restored: the
+        records before it too, when the store still has all of them (else the same as `history()`).
+        From then on `history()` shows them as well."""
+        return self.history(session_id)
+
+    def start_maintenance(self) -> None:
+        """Recovery is over: background work (e.g. compaction of the file log) may begin."""
 
     def release(self, session_id: str) -> None:
         """The runtime evicted the session from memory: drop what the store keeps in memory for it.
