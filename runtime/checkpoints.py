@@ -25,6 +25,7 @@ import collections
 import json
 import logging
 import threading
+import zlib
 
 from macp.v1 import core_pb2
 
@@ -41,6 +42,8 @@ _TO_SNAPSHOT = {OPEN: SESSION_STATUS_OPEN, RESOLVED: SESSION_STATUS_RESOLVED, EX
                 SUSPENDED: SESSION_STATUS_SUSPENDED, CANCELLED: SESSION_STATUS_CANCELLED}
 _FROM_SNAPSHOT = {v: k for k, v in _TO_SNAPSHOT.items()}
 _warned_modes: set[str] = set()
+#: Snapshots larger than this are stored deflated (SessionSnapshot.deflated).
+DEFLATE_ABOVE = 256
 
 
 class NotCheckpointable(ValueError):
@@ -86,10 +89,21 @@ def checkpoint_record(session: Session, now: int, *, terminal: bool) -> LogRecor
             _warned_modes.add(session.mode)
             log.warning("no interval checkpoints for sessions of %s: %s", session.mode, exc)
         return None
+    payload = snap.SerializeToString()
+    if len(payload) > DEFLATE_ABOVE:
+        payload = SessionSnapshot(deflated=zlib.compress(payload, 1)).SerializeToString()
     return LogRecord(session_id=session.session_id, kind=ENTRY_KIND_CHECKPOINT,
                      message_type=TERMINAL_CHECKPOINT if terminal else CHECKPOINT, sender=RUNTIME_SENDER,
                      mode=session.mode, macp_version="1.0", timestamp_unix_ms=now, received_at_ms=now,
-                     payload=snap.SerializeToString())
+                     payload=payload)
+
+
+def read_snapshot(payload: bytes) -> SessionSnapshot:
+    """The SessionSnapshot of a checkpoint entry's payload (inflated when it was stored deflated)."""
+    snap = SessionSnapshot.FromString(payload)
+    if snap.deflated:
+        snap = SessionSnapshot.FromString(zlib.decompress(snap.deflated))
+    return snap
 
 
 class _Start:
@@ -112,7 +126,7 @@ def restore(session_id: str, record: LogRecord, compiled_for, policy_for) -> Ses
     """A Session rebuilt from a checkpoint entry. `compiled_for(mode, digest)` gives the compiled mode
     (raises when it is not registered); `policy_for(definition_json, policy_version, mode)` the bound
     policy. Raises ValueError (or a decode error) when the snapshot is not usable."""
-    snap = SessionSnapshot.FromString(record.payload)
+    snap = read_snapshot(record.payload)
     if snap.session_id != session_id:
         raise ValueError(f"the checkpoint is of session {snap.session_id!r}")
     status = _FROM_SNAPSHOT.get(snap.status)

@@ -34,8 +34,8 @@ from macp_runtime.engine import Engine
 from macp_runtime.errors import MacpError
 from macp_runtime.modes import ModeRegistry
 from macp_runtime.policies import PolicyRegistry
-from macp_runtime.storage import (ENTRY_KIND_CHECKPOINT, ENTRY_KIND_INCOMING, FileLogStore, MemoryStore,
-                                   SessionSnapshot)
+from macp_runtime.checkpoints import read_snapshot
+from macp_runtime.storage import ENTRY_KIND_CHECKPOINT, ENTRY_KIND_INCOMING, FileLogStore, MemoryStore
 
 MODE = "macp.mode.decision.v1"
 PARTICIPANTS = ["coordinator", "alice", "bob"]
@@ -148,7 +148,7 @@ def _split_at_checkpoint(records: list) -> tuple[set, list]:
     """(seen ids of the history's first entry when it is a checkpoint, the records after it).
     A history that begins at its SessionStart gives (set(), all records)."""
     if records and records[0].kind == ENTRY_KIND_CHECKPOINT:
-        return set(SessionSnapshot.FromString(records[0].payload).seen_message_ids), records[1:]
+        return set(read_snapshot(records[0].payload).seen_message_ids), records[1:]
     return set(), records
 
 
@@ -160,7 +160,7 @@ def expected_states(durable: dict[str, list]) -> dict[str, int]:
     out = {}
     for sid, records in durable.items():
         if records and records[0].kind == ENTRY_KIND_CHECKPOINT:   # nothing before it is left to replay
-            snap = SessionSnapshot.FromString(records[0].payload)
+            snap = read_snapshot(records[0].payload)
             assert all(r.kind == ENTRY_KIND_CHECKPOINT for r in records[1:]), f"{sid}: records after its end"
             out[sid] = snap.status
             continue
@@ -169,7 +169,7 @@ def expected_states(durable: dict[str, list]) -> dict[str, int]:
         for r in records:
             if r.kind == ENTRY_KIND_CHECKPOINT:
                 # A checkpoint holds exactly the ids accepted before it; a terminal one ends the session.
-                snap = SessionSnapshot.FromString(r.payload)
+                snap = read_snapshot(r.payload)
                 assert set(snap.seen_message_ids) == seen_before, f"{sid}: checkpoint's seen ids differ"
                 terminal = snap if r.message_type == "TerminalCheckpoint" else None
                 continue

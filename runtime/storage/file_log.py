@@ -38,6 +38,8 @@ exactly: the live frames are copied verbatim to `<segment>.compact`, which is fs
 segment, and the directory fsynced; a segment with nothing live is unlinked. A crash at any point
 leaves the old or the new file, both of which replay to the same sessions; a leftover `.compact` file
 is deleted at open. Appends never wait for compaction: it only takes the store lock for short steps.
+Only sealed segments are compacted: a segment is sealed when it reaches `segment_bytes`, and every
+open seals what earlier processes wrote (appends go to a new segment; an empty last one is reused).
 Segments are never merged, so a compacted segment stays a (smaller) file of its own.
 """
 from __future__ import annotations
@@ -305,11 +307,22 @@ class FileLogStore(Store):
             self._add_segment(seg)
             self._scan_segment(seg, is_last=(i == len(numbers) - 1), report=report)
         last = self._segs[-1]
-        try:
-            self._write_fd = os.open(last.path, os.O_RDWR | os.O_CLOEXEC)
-            self._write_offset = os.fstat(self._write_fd).st_size
-        except OSError as e:
-            raise StorageError(f"cannot open {last.path} for writing: {e}") from e
+        if last.lsns or os.path.getsize(last.path):
+            # What earlier processes wrote is sealed (so compaction may rewrite it): appends go to a new
+            # segment. A last segment still empty is used as it is.
+            try:
+                fd = self._create_segment(last.number + 1)
+            except (OSError, StorageError) as e:
+                raise StorageError(f"cannot start a new log segment in {self.wal_dir}: {e}") from e
+            last = _Segment(last.number + 1, os.path.join(self.wal_dir, _segment_name(last.number + 1)), fd)
+            self._add_segment(last)
+            self._write_fd, self._write_offset = fd, 0
+        else:
+            try:
+                self._write_fd = os.open(last.path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                raise StorageError(f"cannot open {last.path} for writing: {e}") from e
+            self._write_offset = 0
         last.fd = self._write_fd
         self._active = last
         report.sessions = len(self._index)
