@@ -503,3 +503,36 @@ def test_a_damaged_checkpoint_of_a_compacted_session_loses_that_session_only(tmp
     assert {sid: fingerprint(engine.lookup(sid)) for sid in states if sid != sids[3]} == \
         {sid: v for sid, v in states.items() if sid != sids[3]}
     store.close()
+
+
+@pytest.mark.parametrize("where", ["after", "middle"])
+def test_a_garbage_segment_file_costs_only_the_sessions_it_held(tmp_path, where):
+    d = tmp_path / "data"
+    sids, open_sid, states = _fill(d, 30)
+    segments = sorted((d / "wal").glob("*.log"))
+    if where == "after":
+        victim = segments[-1].with_name(f"{int(segments[-1].stem) + 3:08d}.log")
+        touched = set()
+    else:
+        victim = segments[len(segments) // 2]
+        touched = {r.session_id for seg, r in _records(d) if seg == victim}
+    victim.write_bytes(os.urandom(5000))
+    store = FileLogStore(str(d), compact_dead_ratio=None)
+    report = store.open()
+    assert report.dropped_bytes == 5000 and victim.name in report.problems[0]
+    engine = engine_on(store)
+    engine.recover()
+    for sid, state in states.items():
+        if sid not in touched:
+            assert fingerprint(engine.lookup(sid)) == state
+    store.close()
+
+
+def _records(d: Path):
+    for seg in sorted((d / "wal").glob("*.log")):
+        data = seg.read_bytes()
+        pos = 0
+        while pos < len(data):
+            _, length, _ = file_log._HEADER.unpack_from(data, pos)
+            yield seg, file_log.LogRecord.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length

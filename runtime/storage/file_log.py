@@ -365,16 +365,33 @@ class FileLogStore(Store):
             lost = max(1, data.count(MAGIC, pos, end))
             report.dropped_records += lost
             report.dropped_bytes += end - pos
+            owner = self._damaged_owner(view, pos, end)
+            hint = f", apparently of session {owner}" if owner else ""
             if nxt == -1 and is_last:
                 report.problems.append(
-                    f"{name}: invalid tail at offset {pos} ({end - pos} bytes, ~{lost} record(s)) truncated"
+                    f"{name}: invalid tail at offset {pos} ({end - pos} bytes, ~{lost} record(s){hint}) truncated"
                 )
                 self._truncate_tail(seg.path, pos)
             else:
                 report.problems.append(
-                    f"{name}: damaged region at offset {pos}..{end} ({end - pos} bytes, ~{lost} record(s)) skipped"
+                    f"{name}: damaged region at offset {pos}..{end} ({end - pos} bytes, ~{lost} record(s){hint}) skipped"
                 )
             pos = end
+
+    @staticmethod
+    def _damaged_owner(view: memoryview, pos: int, end: int) -> str | None:
+        """Best effort, for the report: the session id a damaged frame starts with, when its header and
+        the beginning of its payload still look right."""
+        if pos + HEADER_SIZE + 2 > end:
+            return None
+        magic, length, _ = _HEADER.unpack_from(view, pos)
+        if magic != MAGIC:
+            return None
+        try:
+            owner = _session_id_of(view[pos + HEADER_SIZE : min(end, pos + HEADER_SIZE + length)])
+        except Exception:
+            return None
+        return owner if owner and len(owner) <= 128 and owner.isprintable() and " " not in owner else None
 
     @staticmethod
     def _frame_at(view: memoryview, pos: int, size: int) -> tuple[str, int, int] | None:
