@@ -43,7 +43,8 @@ def starts_incarnation(record: LogRecord) -> bool:
     A session id can be used again once its session was evicted from memory (runtime.md §5.9), so
     one id may own several *incarnations* in a store. Each begins with its own SessionStart record;
     `history()` and `replay()` return only the records of the latest incarnation, and `append()`
-    counts indices from that SessionStart (index 0). Older incarnations stay on disk, unread.
+    counts indices from that SessionStart (index 0). Older incarnations stay on disk, unread (the file
+    store's compaction drops them).
     """
     return record.kind == ENTRY_KIND_INCOMING and record.message_type == "SessionStart"
 
