@@ -657,32 +657,7 @@ class Engine:
         """One record another instance appended, applied as `_replay_session` applies it, then
         published and announced like a local one."""
         before = session.status
-        if rec.kind == ENTRY_KIND_INCOMING:
-            if session.status == OPEN:
-                compiled = session.compiled
-                try:
-                    plan = compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
-                                             rec.timestamp_unix_ms)
-                except Reject as exc:   # durable all the same: the other instance judged otherwise
-                    log.error("session %s: %s %r from another instance does not apply here: %s",
-                              session.session_id, rec.message_type, rec.message_id, exc)
-                else:
-                    session.note_activity(rec.sender, rec.received_at_ms)
-                    resolution = compiled.apply(session, plan)
-                    if resolution is not None:
-                        session.resolution = resolution
-                        session.status = RESOLVED
-            session.seen.add(rec.message_id)
-        elif rec.kind == ENTRY_KIND_INTERNAL:
-            kind = rec.message_type
-            if kind == "TtlExpired" or kind == "SessionCancel":
-                session.status = EXPIRED if kind == "TtlExpired" else CANCELLED
-                session.suspended_at_ms = None
-            elif kind == "SessionSuspend" and session.status == OPEN:
-                session.status = SUSPENDED
-                session.suspended_at_ms = rec.received_at_ms
-            elif kind == "SessionResume" and session.status == SUSPENDED:
-                _resume(session, max(0, rec.received_at_ms - session.suspended_at_ms))
+        self._replay_record(session, rec, strict=False)
         session.log_length += 1
         if rec.kind == ENTRY_KIND_INCOMING:
             self._publish(session, _envelope(rec))
@@ -963,8 +938,9 @@ class Engine:
             self._replay_record(session, rec)
         return session
 
-    def _replay_record(self, session: Session, rec: LogRecord) -> None:
-        """Apply one logged record during replay (checkpoints before the last one are skipped)."""
+    def _replay_record(self, session: Session, rec: LogRecord, strict: bool = True) -> None:
+        """Apply one logged record: during replay (checkpoints before the last one are skipped), or a
+        record another instance appended (`strict=False`: it is durable whatever this instance thinks)."""
         if rec.kind == ENTRY_KIND_INCOMING:
             if session.status == OPEN:
                 compiled = session.compiled
@@ -972,7 +948,12 @@ class Engine:
                     plan = compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
                                              rec.timestamp_unix_ms)
                 except Reject as exc:
-                    raise ValueError(f"replay of {rec.message_type} {rec.message_id!r} was refused: {exc}") from None
+                    if strict:
+                        raise ValueError(f"replay of {rec.message_type} {rec.message_id!r} was refused: {exc}") from None
+                    log.error("session %s: %s %r from another instance does not apply here: %s",
+                              session.session_id, rec.message_type, rec.message_id, exc)
+                    session.seen.add(rec.message_id)
+                    return
                 session.note_activity(rec.sender, rec.received_at_ms)
                 resolution = compiled.apply(session, plan)
                 if resolution is not None:
