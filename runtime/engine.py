@@ -48,6 +48,7 @@ MAX_PARTICIPANTS = 1000
 RUNTIME_SENDER = "_runtime"
 LIFECYCLE_CAPACITY = 64     # runtime.md §8.8
 SIGNAL_CAPACITY = 256       # runtime.md §6
+CHECKPOINT_LINGER_S = 0.01  # a terminal checkpoint waits this long for a foreground fdatasync to share
 
 _Event = core_pb2.SessionLifecycleEvent
 CREATED, RESOLVED_EVENT, EXPIRED_EVENT = _Event.EVENT_TYPE_CREATED, _Event.EVENT_TYPE_RESOLVED, _Event.EVENT_TYPE_EXPIRED
@@ -1039,8 +1040,8 @@ class Engine:
                 records.append(record)
             if not records:
                 return
-            try:
-                indices = self.store.append_many(records)
+            try:   # rides along with the next batch of foreground appends when one comes soon
+                indices = self.store.append_many(records, linger=CHECKPOINT_LINGER_S)
             except StorageError as exc:
                 log.warning("terminal checkpoints of %d sessions not written (a restart replays them): %s",
                             len(records), exc)

@@ -82,10 +82,11 @@ class Store(abc.ABC):
         Safe to call from many threads at once; records of one session keep their call order.
         """
 
-    def append_many(self, records: list[LogRecord]) -> list[int]:
+    def append_many(self, records: list[LogRecord], linger: float = 0.0) -> list[int]:
         """Append several records (e.g. checkpoints of several sessions); their indices, in order.
 
-        A durable store may make them durable together; all or none of them are appended."""
+        A durable store may make them durable together; all or none of them are appended. `linger`
+        (seconds) lets it wait that long for other appends to share one sync with (background work)."""
         return [self.append(record) for record in records]
 
     @abc.abstractmethod

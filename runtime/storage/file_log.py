@@ -51,6 +51,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
@@ -500,7 +501,7 @@ class FileLogStore(Store):
     def append(self, record: LogRecord) -> int:
         return self.append_many([record])[0]
 
-    def append_many(self, records: list[LogRecord]) -> list[int]:
+    def append_many(self, records: list[LogRecord], linger: float = 0.0) -> list[int]:
         entries = []
         for record in records:
             payload = record.SerializeToString()
@@ -514,12 +515,15 @@ class FileLogStore(Store):
             self._check_usable()
             # Added together, so one leader takes them all into the same batch.
             self._pending.extend(entries)
+            # Lingering, another caller's batch may take them along: no fdatasync of their own.
+            until = time.monotonic() + linger if linger > 0 else 0.0
             while last.index is None and last.error is None:
-                if not self._flushing:
+                wait = until - time.monotonic() if until else 0.0
+                if not self._flushing and wait <= 0:
                     # Leader: our entries are still pending, so the batch we take contains them.
                     self._lead_one_batch()
                 else:
-                    self._cond.wait()
+                    self._cond.wait(wait if wait > 0 else None)
             if last.error is not None:
                 raise last.error
             return [e.index for e in entries]
