@@ -13,14 +13,15 @@ CLOSED = object()   # delivered when the broadcaster shuts down
 
 
 class Subscription:
-    __slots__ = ("_items", "_cond", "_capacity", "_done", "_owner")
+    __slots__ = ("_items", "_cond", "_capacity", "_done", "_owner", "_notify")
 
-    def __init__(self, owner: "Broadcaster", capacity: int):
+    def __init__(self, owner: "Broadcaster", capacity: int, notify=None):
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._capacity = capacity
         self._done = False
         self._owner = owner
+        self._notify = notify   # called (from the publishing thread) after every item, for async readers
 
     def _offer(self, item) -> bool:
         with self._cond:
@@ -30,17 +31,24 @@ class Subscription:
                 self._items.append(LAGGED)
                 self._done = True
                 self._cond.notify()
-                return False
-            self._items.append(item)
-            self._cond.notify()
-            return True
+                accepted = False
+            else:
+                self._items.append(item)
+                self._cond.notify()
+                accepted = True
+        if self._notify is not None:
+            self._notify()
+        return accepted
 
     def _close(self) -> None:
         with self._cond:
-            if not self._done:
-                self._items.append(CLOSED)
-                self._done = True
-                self._cond.notify()
+            if self._done:
+                return
+            self._items.append(CLOSED)
+            self._done = True
+            self._cond.notify()
+        if self._notify is not None:
+            self._notify()
 
     def get(self, timeout: float | None = None):
         """Next item; None on timeout; LAGGED or CLOSED as the final item."""
@@ -69,8 +77,9 @@ class Broadcaster:
         self._subs: set[Subscription] = set()
         self._lock = threading.Lock()
 
-    def subscribe(self) -> Subscription:
-        sub = Subscription(self, self.capacity)
+    def subscribe(self, notify=None) -> Subscription:
+        """`notify()` (optional) is called from the publishing thread after each item is queued."""
+        sub = Subscription(self, self.capacity, notify)
         with self._lock:
             self._subs.add(sub)
         return sub

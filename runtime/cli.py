@@ -58,10 +58,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--specs-dir", dest="specs_dirs", action="append", metavar="DIR",
                    help="extra directory of mode specs (*.yaml), repeatable (MACP_SPECS_DIR, ':'-separated)")
     p.add_argument("--workers", dest="workers", type=int, metavar="N",
-                   help="worker threads for unary RPCs (MACP_WORKERS, default 64)")
+                   help="threads for kernel calls that wait on storage (durable appends, PostgreSQL); "
+                        "the RPCs themselves run on one asyncio loop (MACP_WORKERS, default 64)")
     p.add_argument("--max-streams", dest="max_streams", type=int, metavar="N",
-                   help="open streams (StreamSession and Watch*) at most; each holds a thread of its own "
-                        "on top of --workers (MACP_MAX_STREAMS, default 1000)")
+                   help="open streams (StreamSession and Watch*) at most; a stream is a coroutine, "
+                        "not a thread (MACP_MAX_STREAMS, default 10000)")
     p.add_argument("--cleanup-interval", dest="cleanup_interval_secs", type=float, metavar="SECS",
                    help="period of the TTL sweep and eviction pass (MACP_CLEANUP_INTERVAL_SECS, default 60)")
     p.add_argument("--session-retention", dest="session_retention_secs", type=float, metavar="SECS",

@@ -32,7 +32,7 @@ class Config:
     message_limit_per_minute: int = 600
     specs_dirs: list[str] = dataclasses.field(default_factory=list)
     workers: int = 64
-    max_streams: int = 1000
+    max_streams: int = 10000
     cleanup_interval_secs: float = 60.0
     session_retention_secs: float = 3600.0
     log_level: str = "info"

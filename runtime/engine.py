@@ -25,7 +25,7 @@ from macp.v1 import core_pb2, envelope_pb2
 from .auth import Identity
 from .broadcast import Broadcaster
 from .checkpoints import Checkpointer, checkpoint_record, restore as restore_checkpoint
-from .errors import Kind, MacpError, StatusError
+from .errors import NOT_FOUND, PERMISSION_DENIED, Kind, MacpError, StatusError
 from .ids import valid_session_id
 from .metrics import NO_METRICS
 from .modes import ModeRegistry
@@ -39,7 +39,6 @@ from .storage import (ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, LogRecord, Stora
 from .storage.base import AppendConflict, is_terminal_checkpoint
 from .storage.records_pb2 import ENTRY_KIND_CHECKPOINT
 
-import grpc
 
 log = logging.getLogger("macp_runtime.engine")
 
@@ -64,6 +63,17 @@ _EVENT_OF_STATUS = {RESOLVED: RESOLVED_EVENT, EXPIRED: EXPIRED_EVENT, CANCELLED:
 class _Stale(Exception):
     """A conditional append found that another instance had advanced the session (shared store).
     The session has been caught up; the caller judges the message again."""
+
+
+class Accepted:
+    """An accepted envelope as a session's subscribers get it (`subscriber.offer(index, accepted)`).
+    `wire` is the transport's cache of its encoding, so N subscribers cost one encoding."""
+
+    __slots__ = ("envelope", "wire")
+
+    def __init__(self, envelope):
+        self.envelope = envelope
+        self.wire = None
 
 
 class Outcome(NamedTuple):
@@ -298,7 +308,7 @@ class Engine:
     def get_session(self, session_id: str, identity: Identity) -> Session:
         session = self.lookup(session_id)
         if not self.may_read(session, identity):
-            raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "FORBIDDEN: session access denied")
+            raise StatusError(PERMISSION_DENIED, "FORBIDDEN: session access denied")
         return session
 
     def _controlled(self, session_id: str, identity: Identity, verb: str) -> Session:
@@ -307,7 +317,7 @@ class Engine:
         sender = identity.sender
         if sender != session.initiator and not commitment_authority_allows(
                 session.policy, session.initiator, session.participant_set, sender):
-            raise StatusError(grpc.StatusCode.PERMISSION_DENIED,
+            raise StatusError(PERMISSION_DENIED,
                               f"FORBIDDEN: only the session initiator or policy-delegated roles can {verb}")
         return session
 
@@ -484,9 +494,7 @@ class Engine:
         subscribers = self._channels.get(session.session_id)
         if not subscribers:
             return
-        item = core_pb2.StreamSessionResponse()
-        item.envelope.CopyFrom(env)
-        item.envelope.DiscardUnknownFields()
+        item = Accepted(env)   # one object for every subscriber: the transport encodes it once
         index = session.log_length - 1
         for sub in subscribers:
             if not sub.offer(index, item):
@@ -661,7 +669,7 @@ class Engine:
         self._replay_record(session, rec, strict=False)
         session.log_length += 1
         if rec.kind == ENTRY_KIND_INCOMING:
-            self._publish(session, _envelope(rec))
+            self._publish(session, record_envelope(rec))
         if session.status != before:
             self._emit(_EVENT_OF_STATUS[session.status], session, rec.received_at_ms)
 
@@ -1077,14 +1085,14 @@ def _resume(session: Session, banked: int) -> bool:
 
 
 def _not_found(session_id: str) -> StatusError:
-    return StatusError(grpc.StatusCode.NOT_FOUND, f"Session '{session_id}' not found")
+    return StatusError(NOT_FOUND, f"Session '{session_id}' not found")
 
 
 def _unknown_session(session_id: str) -> MacpError:
     return MacpError(Kind.UnknownSession, detail=f"session {session_id!r} not found")
 
 
-def _envelope(record: LogRecord):
+def record_envelope(record: LogRecord):
     """A logged Incoming record as the envelope subscribers get."""
     return envelope_pb2.Envelope(
         macp_version=record.macp_version or "1.0", mode=record.mode, message_type=record.message_type,

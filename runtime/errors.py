@@ -1,40 +1,39 @@
-"""Every error a client can get, raised as MacpError(kind) and mapped to the wire in one table."""
+"""Every error a client can get, raised as MacpError(kind) (an Ack error code) or StatusError (a refusal
+of a non-Send RPC). Transport-free: the transport maps kinds to gRPC statuses in one table
+(runtime/transport/status.py)."""
 from __future__ import annotations
 
 import enum
 import json
 
-import grpc
-
 
 class Kind(enum.Enum):
-    # name = (Ack error.code, gRPC status when converted to a status). Several kinds share a code, so
-    # values are made unique by the enum machinery below (Enum would otherwise alias them).
-    InvalidMacpVersion = ("UNSUPPORTED_PROTOCOL_VERSION", grpc.StatusCode.FAILED_PRECONDITION)
-    InvalidEnvelope = ("INVALID_ENVELOPE", grpc.StatusCode.FAILED_PRECONDITION)
-    InvalidPayload = ("INVALID_ENVELOPE", grpc.StatusCode.FAILED_PRECONDITION)
-    InvalidTtl = ("INVALID_ENVELOPE", grpc.StatusCode.FAILED_PRECONDITION)
-    InvalidModeState = ("INVALID_ENVELOPE", grpc.StatusCode.FAILED_PRECONDITION)
-    SessionAlreadyExists = ("SESSION_ALREADY_EXISTS", grpc.StatusCode.ALREADY_EXISTS)
-    UnknownSession = ("SESSION_NOT_FOUND", grpc.StatusCode.FAILED_PRECONDITION)
-    SessionNotOpen = ("SESSION_NOT_OPEN", grpc.StatusCode.FAILED_PRECONDITION)
-    TtlExpired = ("SESSION_NOT_OPEN", grpc.StatusCode.FAILED_PRECONDITION)
-    UnknownMode = ("MODE_NOT_SUPPORTED", grpc.StatusCode.FAILED_PRECONDITION)
-    Forbidden = ("FORBIDDEN", grpc.StatusCode.PERMISSION_DENIED)
-    Unauthenticated = ("UNAUTHENTICATED", grpc.StatusCode.UNAUTHENTICATED)
-    PayloadTooLarge = ("PAYLOAD_TOO_LARGE", grpc.StatusCode.RESOURCE_EXHAUSTED)
-    RateLimited = ("RATE_LIMITED", grpc.StatusCode.RESOURCE_EXHAUSTED)
-    StorageFailed = ("INTERNAL_ERROR", grpc.StatusCode.INTERNAL)
-    InvalidSessionId = ("INVALID_SESSION_ID", grpc.StatusCode.INVALID_ARGUMENT)
-    UnknownPolicyVersion = ("UNKNOWN_POLICY_VERSION", grpc.StatusCode.FAILED_PRECONDITION)
-    PolicyDenied = ("POLICY_DENIED", grpc.StatusCode.FAILED_PRECONDITION)
-    InvalidPolicyDefinition = ("INVALID_POLICY_DEFINITION", grpc.StatusCode.INVALID_ARGUMENT)
+    # name = Ack error.code. Several kinds share a code, so values are made unique by the enum
+    # machinery below (Enum would otherwise alias them).
+    InvalidMacpVersion = "UNSUPPORTED_PROTOCOL_VERSION"
+    InvalidEnvelope = "INVALID_ENVELOPE"
+    InvalidPayload = "INVALID_ENVELOPE"
+    InvalidTtl = "INVALID_ENVELOPE"
+    InvalidModeState = "INVALID_ENVELOPE"
+    SessionAlreadyExists = "SESSION_ALREADY_EXISTS"
+    UnknownSession = "SESSION_NOT_FOUND"
+    SessionNotOpen = "SESSION_NOT_OPEN"
+    TtlExpired = "SESSION_NOT_OPEN"
+    UnknownMode = "MODE_NOT_SUPPORTED"
+    Forbidden = "FORBIDDEN"
+    Unauthenticated = "UNAUTHENTICATED"
+    PayloadTooLarge = "PAYLOAD_TOO_LARGE"
+    RateLimited = "RATE_LIMITED"
+    StorageFailed = "INTERNAL_ERROR"
+    InvalidSessionId = "INVALID_SESSION_ID"
+    UnknownPolicyVersion = "UNKNOWN_POLICY_VERSION"
+    PolicyDenied = "POLICY_DENIED"
+    InvalidPolicyDefinition = "INVALID_POLICY_DEFINITION"
 
-    def __new__(cls, code: str, status: grpc.StatusCode):
+    def __new__(cls, code: str):
         member = object.__new__(cls)
-        member._value_ = (len(cls.__members__), code, status)
+        member._value_ = (len(cls.__members__), code)
         member.code = code
-        member.status = status
         return member
 
 
@@ -71,10 +70,15 @@ class MacpError(Exception):
         return b""
 
 
-class StatusError(Exception):
-    """A refusal that RPCs other than Send report as a gRPC status (e.g. NOT_FOUND on GetSession)."""
+NOT_FOUND = "NOT_FOUND"
+PERMISSION_DENIED = "PERMISSION_DENIED"
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+
+class StatusError(Exception):
+    """A refusal that RPCs other than Send report as a status (e.g. NOT_FOUND on GetSession).
+    `code` is one of the names above; the transport turns it into the gRPC status of that name."""
+
+    def __init__(self, code: str, message: str):
         self.code = code
         self.message = message
-        super().__init__(f"{code.name}: {message}")
+        super().__init__(f"{code}: {message}")

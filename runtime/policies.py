@@ -325,10 +325,10 @@ class PolicyRegistry:
         return [self.view(p) for p in sorted(policies, key=lambda p: p.policy_id)
                 if not mode or p.mode == mode or p.mode == "*"]
 
-    def watch(self) -> tuple[list[PolicyView], Subscription]:
+    def watch(self, notify=None) -> tuple[list[PolicyView], Subscription]:
         """The current list and a subscription to every later list, taken atomically."""
         with self._lock:
-            return self.list(), self.changes.subscribe()
+            return self.list(), self.changes.subscribe(notify)
 
     # -- changes ----------------------------------------------------------------------------------
 

@@ -1,17 +1,19 @@
-"""Assemble and run the daemon: config -> storage + replay -> auth -> TLS decision -> serve."""
+"""Assemble and run the daemon: config -> storage + replay -> auth -> TLS decision -> serve on one
+asyncio event loop (grpc.aio), with any additional asyncio services started and stopped beside it.
+
+Additional services (for example a web console) plug in as objects with two coroutines:
+`async start(runtime)` — called on the loop once the gRPC server serves (`runtime.engine`,
+`runtime.store`, `runtime.cfg` are ready) — and `async stop()` — called first when the daemon stops,
+before the gRPC drain. Pass them to `serve(cfg, services=[...])` / `run(cfg, services=[...])`, or
+`Runtime.add_service(svc)` before `start()`.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
-import threading
 import time
-from concurrent import futures
-
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from macp.v1 import core_pb2_grpc
 
 from .auth import AuthConfigError, build_authenticator
 from . import __version__
@@ -21,15 +23,15 @@ from .metrics import Metrics
 from .engine import Engine
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
-from .service import MacpService
 from .tls import TlsError, server_credentials
 from .storage import StorageError, open_store
 from .spec_archive import SpecArchive
 from .storage.documents import open_documents
+from .transport.server import BindError, GrpcServer
+from .transport.service import SERVICE_NAME
 
 log = logging.getLogger("macp_runtime.server")
 
-SERVICE_NAME = "macp.v1.MACPRuntimeService"
 SHUTDOWN_GRACE_S = 10.0
 
 
@@ -38,17 +40,26 @@ class StartupError(Exception):
 
 
 class Runtime:
-    """One running daemon: holds the engine, the store and the gRPC server."""
+    """One running daemon: holds the engine, the store, the gRPC server and the additional services."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, services=()):
         self.cfg = cfg
         self.store = None
-        self.server = None
+        self.engine = None
+        self.grpc = None
         self.cluster = None
         self.port = None
-        self._stopped = threading.Event()
+        self.services = list(services)
+        self._started: list = []
+        self._stopped: asyncio.Event | None = None
+        self._stopping: asyncio.Task | None = None
 
-    def start(self) -> "Runtime":
+    def add_service(self, service) -> None:
+        """An object with `async start(runtime)` and `async stop()`, run on the daemon's event loop."""
+        self.services.append(service)
+
+    def prepare(self) -> None:
+        """Everything before serving (blocking: storage, replay, registries, auth, TLS). Raises StartupError."""
         cfg = self.cfg
         t0 = time.perf_counter()
         log.info("starting macp-runtime %s", __version__, extra={"fields": {
@@ -126,30 +137,28 @@ class Runtime:
         else:
             log.warning("TLS is not configured; serving plaintext because MACP_ALLOW_INSECURE=1")
 
-        service = MacpService(engine, authenticator, max_payload_bytes=cfg.max_payload_bytes,
-                              session_start_limit=cfg.session_start_limit_per_minute,
-                              message_limit=cfg.message_limit_per_minute, max_streams=cfg.max_streams)
-        # Every open stream holds a pool thread: MACP_MAX_STREAMS of them on top of the unary workers.
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers + cfg.max_streams,
-                                                        thread_name_prefix="rpc"))
-        core_pb2_grpc.add_MACPRuntimeServiceServicer_to_server(service, server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        # Reflection lets grpcurl list/describe without proto files. Default: on in dev mode only.
         reflect = cfg.reflection if cfg.reflection is not None else not authenticator.resolvers
-        if reflect:
-            reflection.enable_server_reflection(
-                [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        self.engine = engine
+        self.modes = modes
+        self.grpc = GrpcServer(engine, authenticator, bind_addr=cfg.bind_addr, credentials=credentials,
+                               reflect=reflect, blocking=not cfg.memory_only, workers=cfg.workers,
+                               max_payload_bytes=cfg.max_payload_bytes,
+                               session_start_limit=cfg.session_start_limit_per_minute,
+                               message_limit=cfg.message_limit_per_minute, max_streams=cfg.max_streams)
+        self._tls = credentials is not None
         log.info("reflection %s", "on" if reflect else "off")
+
+    async def start(self) -> "Runtime":
+        """prepare() (off the loop), then serve on the running loop and start the additional services."""
+        cfg = self.cfg
+        self._stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.prepare)
+        engine = self.engine
         try:
-            if credentials is None:
-                self.port = server.add_insecure_port(cfg.bind_addr)
-            else:
-                self.port = server.add_secure_port(cfg.bind_addr, credentials)
-        except RuntimeError as exc:
-            raise StartupError(f"cannot bind {cfg.bind_addr}: {exc}") from None
-        if not self.port:
-            raise StartupError(f"cannot bind {cfg.bind_addr}")
+            self.port = await self.grpc.start()
+        except BindError as exc:
+            raise StartupError(str(exc)) from None
         if cfg.metrics_addr:
             metrics = Metrics(engine, self.store)
             try:
@@ -158,56 +167,80 @@ class Runtime:
                 raise StartupError(f"cannot serve metrics on {cfg.metrics_addr}: {exc}") from None
             engine.metrics = metrics
             log.info("metrics: Prometheus endpoint on http://%s/metrics", cfg.metrics_addr)
-        server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.server = server
-        self.engine = engine
         engine.start_sweeper(cfg.cleanup_interval_secs, cfg.session_retention_secs)
         log.info("serving %s on %s (%s), modes: %s", SERVICE_NAME, cfg.bind_addr,
-                 "TLS" if credentials else "plaintext, insecure allowed", ", ".join(modes.names))
+                 "TLS" if self._tls else "plaintext, insecure allowed", ", ".join(self.modes.names))
+        for service in self.services:
+            await service.start(self)
+            self._started.append(service)
         return self
 
-    def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
-        """Stop taking calls, let in-flight calls finish (acks included), then close storage."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        if self.server is not None:
-            for name in ("", SERVICE_NAME):
-                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            stopping = self.server.stop(grace)
-            self.engine.policies.close()   # policy watch streams end (OK) instead of using up the grace period
-            self.engine.close()            # the sweep stops; session streams and the other watches end
-            stopping.wait()
+    def request_stop(self, grace: float = SHUTDOWN_GRACE_S) -> "asyncio.Task":
+        """Begin stopping (idempotent); the task completes when everything has stopped."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        return self._stopping
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        await self.request_stop(grace)
+
+    async def _stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """NOT_SERVING, stop the additional services, stop taking calls, let in-flight calls finish
+        (acks included), end streams and watches, then close storage."""
+        try:
+            if self.grpc is not None:
+                await self.grpc.not_serving()
+            for service in reversed(self._started):
+                try:
+                    await service.stop()
+                except Exception:
+                    log.exception("stopping %r failed", service)
+            self._started.clear()
+            if self.grpc is not None and self.engine is not None:
+                engine = self.engine
+
+                def close_engine():
+                    engine.policies.close()   # policy watch streams end (OK) instead of using up the grace
+                    engine.close()            # the sweep stops; session streams and the other watches end
+
+                await self.grpc.stop(grace, close_engine)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._close_storage)
+            log.info("stopped")
+        finally:
+            if self._stopped is not None:
+                self._stopped.set()
+
+    def _close_storage(self) -> None:
         if self.cluster is not None:
             self.cluster.close()
         if self.store is not None:
             self.store.close()
-        log.info("stopped")
 
-    def wait(self) -> None:
-        self._stopped.wait()
+    async def wait(self) -> None:
+        await self._stopped.wait()
 
 
-def serve(cfg: Config) -> int:
-    runtime = Runtime(cfg)
+async def run(cfg: Config, services=()) -> int:
+    """The daemon on the running loop until SIGTERM/SIGINT: 0 after a clean drain, 1 when start-up failed."""
+    runtime = Runtime(cfg, services)
     try:
-        runtime.start()
+        await runtime.start()
     except StartupError as exc:
         log.error("start-up failed: %s", exc)
-        if runtime.store is not None:
-            runtime.store.close()
+        await runtime.stop(grace=0)
         return 1
+    loop = asyncio.get_running_loop()
 
-    def on_signal(signum, frame):
+    def on_signal(signum):
         log.info("received %s, shutting down", signal.Signals(signum).name)
-        threading.Thread(target=runtime.stop, name="shutdown").start()
+        runtime.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    runtime.wait()
-    while runtime.server is not None and threading.active_count() > 1 and any(
-            t.name == "shutdown" for t in threading.enumerate()):
-        time.sleep(0.05)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await runtime.wait()
     return 0
+
+
+def serve(cfg: Config, services=()) -> int:
+    return asyncio.run(run(cfg, services))

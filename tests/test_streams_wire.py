@@ -437,25 +437,29 @@ def test_capabilities_on_streams(server_factory):
 
 # --- in-process: the stream state machine --------------------------------------------------------------
 
-def test_session_stream_with_a_plain_request_iterator_uses_a_reader_thread_and_counts_a_lag():
-    from macp_runtime import rpc_streams as rs
+def test_session_stream_queues_live_envelopes_without_blocking_and_counts_a_lag():
+    import asyncio
+    import threading
 
-    class Context:
-        cancelled = False
+    from macp_runtime.transport import streams as rs
+    from macp_runtime.transport.loop import Wakeups
 
-        def cancel(self):
-            self.cancelled = True
+    async def scenario():
+        stream = rs.SessionStream(Wakeups(asyncio.get_running_loop()))
+        assert stream.offer(0, "a") and list(stream.live) == [(0, "a")]
+        await asyncio.wait_for(stream.bell.wait(), 1)        # a ring before the wait is not lost
+        stream.live.clear()
+        waiting = asyncio.ensure_future(stream.bell.wait())
+        await asyncio.sleep(0)
+        threading.Thread(target=stream.offer, args=(1, "b")).start()   # a kernel thread wakes the loop
+        await asyncio.wait_for(waiting, 2)
+        assert list(stream.live) == [(1, "b")]
+        stream.discard_before(5)
+        assert not stream.live
+        for i in range(rs.LIVE_CAPACITY + 3):
+            assert stream.offer(5 + i, i)                    # never blocks; beyond 256 it only counts
+        assert stream.dropped == 3
+        stream.finished = True
+        assert not stream.offer(9999, "late")                # a finished stream leaves the channel
 
-    frames = [core_pb2.StreamSessionRequest(subscribe_session_id="s")]
-    stream = rs.SessionStream(Context(), iter(frames))   # not grpc's iterator: the fallback path
-    assert stream._reader is not None
-    stream.start()
-    assert stream.next_event() == (rs.REQUEST, frames[0])
-    assert stream.next_event() == (rs.HALF_CLOSED, None)
-    assert stream.offer(0, "a") and stream.next_event() == (rs.LIVE, "a")
-    stream.discard_before(5)
-    for i in range(rs.LIVE_CAPACITY + 3):
-        assert stream.offer(5 + i, i)                   # never blocks; beyond 256 it only counts
-    assert stream.next_event() == (rs.LAG, 3)
-    stream.finish()
-    assert not stream.offer(9999, "late")               # a finished stream leaves the channel
+    asyncio.run(scenario())

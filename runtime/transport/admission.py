@@ -1,0 +1,113 @@
+"""What every call passes before the kernel sees it (runtime.md §4, §9): the caller's identity,
+the envelope's shape and payload size, start/mode permissions, the per-sender rate limits, and the
+open-stream slots."""
+from __future__ import annotations
+
+import grpc
+
+from ..auth import Identity
+from ..errors import Kind, MacpError
+from ..ratelimit import SlidingWindow
+from ..specs.hooks.common import is_blank
+
+PROTOCOL_VERSION = "1.0"
+
+
+class Admission:
+    def __init__(self, authenticator, *, max_payload_bytes: int, session_start_limit: int, message_limit: int,
+                 max_streams: int, metrics):
+        self.auth = authenticator
+        self.max_payload_bytes = max_payload_bytes
+        self.start_window = SlidingWindow(session_start_limit)
+        self.message_window = SlidingWindow(message_limit)
+        self.streams = StreamSlots(max_streams)
+        self.metrics = metrics   # () -> the engine's metrics (replaced once metrics are on)
+
+    # --- identity --------------------------------------------------------------------------------
+
+    def identity(self, context) -> Identity | None:
+        return self.auth.authenticate(context.invocation_metadata() or ())
+
+    async def require_identity(self, context) -> Identity:
+        identity = self.identity(context)
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
+        return identity
+
+    async def require_registry_manager(self, context) -> Identity:
+        """Register/Unregister/Promote modes and Register/Unregister policies need this capability."""
+        identity = await self.require_identity(context)
+        if not identity.can_manage_mode_registry:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "Forbidden")
+        return identity
+
+    # --- envelopes -------------------------------------------------------------------------------
+
+    def check_shape(self, env) -> None:
+        if env.macp_version != PROTOCOL_VERSION:
+            raise MacpError(Kind.InvalidMacpVersion, detail=f"macp_version {env.macp_version!r} is not 1.0")
+        if not env.message_type or not env.message_id:
+            raise MacpError(Kind.InvalidEnvelope, detail="message_type and message_id are required")
+        mtype = env.message_type
+        if mtype == "Signal":
+            if env.session_id or not is_blank(env.mode):
+                raise MacpError(Kind.InvalidEnvelope, detail="a Signal carries no session_id and no mode")
+        elif mtype == "Progress" and not env.session_id:
+            if not is_blank(env.mode):
+                raise MacpError(Kind.InvalidEnvelope, detail="an ambient Progress carries no mode")
+        elif mtype != "Progress":
+            if not env.session_id or is_blank(env.mode):
+                raise MacpError(Kind.InvalidEnvelope, detail="session_id and mode are required")
+        if len(env.payload) > self.max_payload_bytes:
+            raise MacpError(Kind.PayloadTooLarge, detail=f"payload of {len(env.payload)} bytes")
+
+    @staticmethod
+    def may_send(identity: Identity, env, is_start: bool) -> bool:
+        """Start permission and the identity's allowed modes."""
+        if is_start and not identity.can_start_sessions:
+            return False
+        return identity.allowed_modes is None or env.mode in identity.allowed_modes
+
+    def rate_allows(self, identity: Identity, is_start: bool) -> bool:
+        window = self.start_window if is_start else self.message_window
+        if window.allow(identity.sender):
+            return True
+        self.metrics().rate_limited("session_start" if is_start else "message")
+        return False
+
+    def admit_send(self, env, identity: Identity | None) -> bool:
+        """Send (§3): everything before the kernel, as MacpErrors (Ack codes). True for a SessionStart."""
+        self.check_shape(env)
+        if identity is None:
+            raise MacpError(Kind.Unauthenticated, detail="no valid credential")
+        if env.sender and env.sender != identity.sender:
+            raise MacpError(Kind.Unauthenticated, detail=f"envelope sender {env.sender!r} is not the caller")
+        env.sender = identity.sender
+        is_start = env.message_type == "SessionStart"
+        if is_start and not identity.can_start_sessions:
+            raise MacpError(Kind.Forbidden, detail="identity may not start sessions")
+        if identity.allowed_modes is not None and env.mode not in identity.allowed_modes:
+            raise MacpError(Kind.Forbidden, detail=f"identity may not use mode {env.mode!r}")
+        if not self.rate_allows(identity, is_start):
+            raise MacpError(Kind.RateLimited, detail=f"rate limit reached for {identity.sender}")
+        return is_start
+
+
+class StreamSlots:
+    """Open streams (StreamSession and every Watch*) against MACP_MAX_STREAMS. All on the event loop."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open = 0
+
+    async def acquire(self, context) -> None:
+        if self.open >= self.limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many open streams (MACP_MAX_STREAMS={self.limit})")
+        self.open += 1
+
+    def release(self) -> None:
+        self.open -= 1
+
+    def __len__(self) -> int:
+        return self.open

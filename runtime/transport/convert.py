@@ -1,0 +1,90 @@
+"""Kernel objects <-> wire messages, in one place: Acks, session metadata, envelopes of history
+records and of accepted messages, lifecycle events, policy descriptors, inline stream errors."""
+from __future__ import annotations
+
+from macp.v1 import core_pb2, envelope_pb2, policy_pb2
+
+from ..engine import Accepted, Outcome, record_envelope
+from ..errors import MacpError
+from ..session import Session, now_ms
+
+_Event = core_pb2.SessionLifecycleEvent
+_Ack = envelope_pb2.Ack
+_MACPError = envelope_pb2.MACPError
+_StreamResponse = core_pb2.StreamSessionResponse
+
+
+def ok_ack(outcome: Outcome, message_id: str, session_id: str) -> envelope_pb2.Ack:
+    return _Ack(ok=True, duplicate=outcome.duplicate, message_id=message_id, session_id=session_id,
+                accepted_at_unix_ms=now_ms(), session_state=outcome.state)
+
+
+def error_ack(exc: MacpError, message_id: str, session_id: str) -> envelope_pb2.Ack:
+    return _Ack(ok=False, message_id=message_id, session_id=session_id, accepted_at_unix_ms=now_ms(),
+                error=_MACPError(code=exc.code, message=exc.message, session_id=session_id,
+                                 message_id=message_id, details=exc.details))
+
+
+def session_metadata(s: Session) -> core_pb2.SessionMetadata:
+    activity = [core_pb2.ParticipantActivity(participant_id=p, message_count=c, last_message_at_unix_ms=t)
+                for p, (c, t) in (s.activity or {}).items()]
+    return core_pb2.SessionMetadata(
+        session_id=s.session_id, mode=s.mode, state=s.status, started_at_unix_ms=s.started_at_ms,
+        expires_at_unix_ms=s.deadline_ms, mode_version=s.mode_version,
+        configuration_version=s.configuration_version, policy_version=s.policy_version,
+        participants=s.participants, participant_activity=activity, initiator=s.initiator,
+        context_id=s.context_id, extension_keys=list(s.extension_keys))
+
+
+def created_event(s: Session) -> core_pb2.WatchSessionsResponse:
+    return core_pb2.WatchSessionsResponse(event=_Event(
+        event_type=_Event.EVENT_TYPE_CREATED, session=session_metadata(s), observed_at_unix_ms=s.started_at_ms))
+
+
+def lifecycle_response(item) -> core_pb2.WatchSessionsResponse:
+    """An engine lifecycle item (event type, session, observed at) as a WatchSessions frame."""
+    event, session, observed_at = item
+    out = core_pb2.WatchSessionsResponse()
+    out.event.event_type = event
+    out.event.observed_at_unix_ms = observed_at
+    if not session.gone:   # metadata as it is now; absent once the session was evicted
+        out.event.session.CopyFrom(session_metadata(session))
+    return out
+
+
+def policy_descriptor(view) -> policy_pb2.PolicyDescriptor:
+    """A registry PolicyView on the wire (`registered_at_unix_ms` is always 0)."""
+    return policy_pb2.PolicyDescriptor(policy_id=view.policy_id, mode=view.mode, description=view.description,
+                                       rules=view.rules, schema_version=view.schema_version)
+
+
+def accepted_frame(item: Accepted) -> bytes:
+    """The StreamSessionResponse of an accepted envelope, encoded once for all subscribers."""
+    wire = item.wire
+    if wire is None:
+        out = _StreamResponse()
+        out.envelope.CopyFrom(item.envelope)
+        out.envelope.DiscardUnknownFields()
+        wire = item.wire = out.SerializeToString()
+    return wire
+
+
+def history_frame(record) -> _StreamResponse:
+    """A history entry as subscribers see it (runtime.md §7.2 step 6)."""
+    return _StreamResponse(envelope=record_envelope(record))
+
+
+def inline_error(message: str, session_id: str) -> _StreamResponse:
+    return _StreamResponse(error=_MACPError(code=message, message=message, session_id=session_id))
+
+
+def signal_response(env) -> core_pb2.WatchSignalsResponse:
+    item = core_pb2.WatchSignalsResponse()
+    item.envelope.CopyFrom(env)
+    item.envelope.DiscardUnknownFields()
+    return item
+
+
+def encode(message) -> bytes:
+    """Response serializer of every method: pre-encoded frames (bytes) pass through unchanged."""
+    return message if message.__class__ is bytes else message.SerializeToString()

@@ -1,0 +1,74 @@
+"""The policy RPCs (runtime.md §8.9, modes.md §10.3–§10.4)."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+from macp.v1 import policy_pb2
+
+from ..session import now_ms
+from ..storage.base import StorageError
+from .convert import policy_descriptor
+from .loop import Doorbell
+from .watch import watch
+
+log = logging.getLogger("macp_runtime.policies")
+
+
+def _listing(views) -> policy_pb2.WatchPoliciesResponse:
+    return policy_pb2.WatchPoliciesResponse(descriptors=[policy_descriptor(v) for v in views],
+                                            observed_at_unix_ms=now_ms())
+
+
+class PolicyHandler:
+    def __init__(self, t):
+        self.t = t
+
+    async def RegisterPolicy(self, request, context):
+        t = self.t
+        await t.admission.require_registry_manager(context)
+        if not request.HasField("policy_descriptor"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "descriptor required")
+        d = request.policy_descriptor
+        try:
+            error = await t.offload(t.engine.policies.register, d.policy_id, d.mode, d.description, d.rules,
+                                    d.schema_version)
+        except StorageError as exc:
+            log.error("could not persist policy %r: %s", d.policy_id, exc)
+            await context.abort(grpc.StatusCode.INTERNAL, "storage failure: the policy was not registered")
+        if error is not None:
+            return policy_pb2.RegisterPolicyResponse(ok=False, error=error)
+        log.info("policy %r registered for mode %r", d.policy_id, d.mode)
+        return policy_pb2.RegisterPolicyResponse(ok=True)
+
+    async def UnregisterPolicy(self, request, context):
+        t = self.t
+        await t.admission.require_registry_manager(context)
+        try:
+            error = await t.offload(t.engine.policies.unregister, request.policy_id)
+        except StorageError as exc:
+            log.error("could not persist the removal of policy %r: %s", request.policy_id, exc)
+            await context.abort(grpc.StatusCode.INTERNAL, "storage failure: the policy was not unregistered")
+        if error is not None:
+            return policy_pb2.UnregisterPolicyResponse(ok=False, error=error)
+        log.info("policy %r unregistered", request.policy_id)
+        return policy_pb2.UnregisterPolicyResponse(ok=True)
+
+    async def GetPolicy(self, request, context):
+        await self.t.admission.require_identity(context)
+        view = self.t.engine.policies.describe(request.policy_id)
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"Policy '{request.policy_id}' not found")
+        return policy_pb2.GetPolicyResponse(policy_descriptor=policy_descriptor(view))
+
+    async def ListPolicies(self, request, context):
+        await self.t.admission.require_identity(context)
+        views = self.t.engine.policies.list(request.mode)
+        return policy_pb2.ListPoliciesResponse(descriptors=[policy_descriptor(v) for v in views])
+
+    async def WatchPolicies(self, request, context):
+        """The full sorted list now, then after every change; ends OK when the subscriber lags."""
+        bell = Doorbell(self.t.wakeups)
+        initial, sub = self.t.engine.policies.watch(bell.ring)
+        async for frame in watch(bell, sub, _listing, first=[_listing(initial)]):
+            yield frame

@@ -1,0 +1,54 @@
+"""The servicer, composed: the shared pieces every handler uses (`Transport`) and the table of RPCs
+to small handlers. RPCs of the service that are not in the table answer UNIMPLEMENTED."""
+from __future__ import annotations
+
+import grpc
+from google.protobuf import message_factory
+from macp.v1 import core_pb2
+
+from .admission import Admission
+from .convert import encode
+from .discovery import DiscoveryHandler
+from .loop import Offload, Wakeups
+from .policies import PolicyHandler
+from .registry import RegistryHandler
+from .sessions import MessageHandler, SessionHandler
+from .streams import StreamHandler
+
+SERVICE_NAME = "macp.v1.MACPRuntimeService"
+
+
+class Transport:
+    """What the handlers share: the engine, admission, the kernel-call runner and the loop's wakeups."""
+
+    def __init__(self, engine, admission: Admission, offload: Offload, wakeups: Wakeups):
+        self.engine = engine
+        self.admission = admission
+        self.offload = offload
+        self.wakeups = wakeups
+        self.messages = MessageHandler(self)
+        self.handlers = (self.messages, SessionHandler(self), StreamHandler(self), DiscoveryHandler(self),
+                         RegistryHandler(self), PolicyHandler(self))
+
+
+def generic_handler(t: Transport) -> grpc.GenericRpcHandler:
+    """Every RPC some handler implements, with the request types of the service descriptor and a
+    response serializer that passes pre-encoded frames through."""
+    service = core_pb2.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[1]]
+    methods = {}
+    for method in service.methods:
+        behaviour = next((getattr(h, method.name) for h in t.handlers if hasattr(h, method.name)), None)
+        if behaviour is None:
+            continue
+        request_type = message_factory.GetMessageClass(method.input_type)
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        elif method.client_streaming:
+            make = grpc.stream_unary_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        methods[method.name] = make(behaviour, request_deserializer=request_type.FromString,
+                                    response_serializer=encode)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)

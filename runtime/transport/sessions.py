@@ -1,0 +1,189 @@
+"""Send (§3), ambient Signals/Progress and WatchSignals (§6), and the session RPCs: GetSession,
+CancelSession, SuspendSession, ResumeSession (§5.7), ListSessions and WatchSessions (§8.7, §8.8)."""
+from __future__ import annotations
+
+import base64
+import logging
+from time import perf_counter
+
+import grpc
+from macp.v1 import core_pb2
+
+from ..engine import Outcome
+from ..errors import Kind, MacpError, StatusError
+from ..session import OPEN
+from ..specs.hooks.common import is_blank
+from .convert import (created_event, error_ack, lifecycle_response, ok_ack, session_metadata,
+                      signal_response)
+from .loop import Doorbell
+from .status import status_of
+from .watch import watch
+
+log = logging.getLogger("macp_runtime.service")
+
+MAX_PAGE_SIZE = 1000       # ListSessions page_size above this is served as this
+_OPEN_OUTCOME = Outcome(False, OPEN)
+
+
+class MessageHandler:
+    """Send and the ambient messages (Signal, Progress) that never enter a session's history."""
+
+    def __init__(self, t):
+        self.t = t
+
+    async def Send(self, request, context):
+        if not request.HasField("envelope"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SendRequest must contain an envelope")
+        t = self.t
+        env = request.envelope
+        started = perf_counter()
+        engine = t.engine
+        try:
+            identity = t.admission.identity(context)
+            is_start = t.admission.admit_send(env, identity)
+            if is_start:
+                outcome = await t.offload(engine.start_session, env, identity)
+            else:
+                mtype = env.message_type
+                if mtype == "Signal" or mtype == "Progress":
+                    outcome = await self.ambient(env)
+                else:
+                    outcome = await t.offload(engine.process_message, env, identity)
+        except MacpError as exc:
+            if log.isEnabledFor(logging.INFO):
+                log.info("message rejected", extra={"fields": {
+                    "code": exc.code, "error": exc.message, "message_type": env.message_type, "mode": env.mode,
+                    "session_id": env.session_id, "message_id": env.message_id, "sender": env.sender,
+                    "detail": exc.detail}})
+            engine.metrics.send_done(env.mode, env.message_type, exc.code, perf_counter() - started)
+            return core_pb2.SendResponse(ack=error_ack(exc, env.message_id, env.session_id))
+        engine.metrics.send_done(env.mode, env.message_type, "", perf_counter() - started)
+        return core_pb2.SendResponse(ack=ok_ack(outcome, env.message_id, env.session_id))
+
+    async def ambient(self, env) -> Outcome:
+        """Signals and Progress: validated, never part of any session's history (§6)."""
+        if env.payload:
+            try:
+                if env.message_type == "Signal":
+                    if is_blank(core_pb2.SignalPayload.FromString(env.payload).signal_type):
+                        raise MacpError(Kind.InvalidPayload, detail="signal_type must not be blank")
+                else:
+                    core_pb2.ProgressPayload.FromString(env.payload)
+            except MacpError:
+                raise
+            except Exception:
+                raise MacpError(Kind.InvalidPayload, detail=f"{env.message_type} payload does not decode") from None
+        engine = self.t.engine
+        signals, cluster = engine.signals, engine.cluster
+        if len(signals) or cluster is not None:
+            item = signal_response(env)
+            signals.publish(item)
+            if cluster is not None:   # other instances' WatchSignals subscribers (PostgreSQL NOTIFY)
+                await self.t.offload(cluster.publish_signal, item)
+        return _OPEN_OUTCOME
+
+    async def WatchSignals(self, request, context):
+        t = self.t
+        await t.admission.streams.acquire(context)
+        try:
+            bell = Doorbell(t.wakeups)
+            sub = t.engine.signals.subscribe(bell.ring)
+            if t.engine.closing.is_set():
+                sub.cancel()
+                return
+            async for frame in watch(bell, sub, _same):
+                yield frame
+        finally:
+            t.admission.streams.release()
+
+
+def _same(item):
+    return item
+
+
+class SessionHandler:
+    def __init__(self, t):
+        self.t = t
+
+    async def GetSession(self, request, context):
+        t = self.t
+        identity = await t.admission.require_identity(context)
+        try:
+            session = await t.offload(t.engine.get_session, request.session_id, identity)
+        except StatusError as exc:
+            await context.abort(status_of(exc), exc.message)
+        return core_pb2.GetSessionResponse(metadata=session_metadata(session))
+
+    async def CancelSession(self, request, context):
+        return await self._control(context, request, self.t.engine.cancel_session, core_pb2.CancelSessionResponse)
+
+    async def SuspendSession(self, request, context):
+        return await self._control(context, request, self.t.engine.suspend_session,
+                                   core_pb2.SuspendSessionResponse)
+
+    async def ResumeSession(self, request, context):
+        return await self._control(context, request, self.t.engine.resume_session, core_pb2.ResumeSessionResponse)
+
+    async def _control(self, context, request, action, response_type):
+        t = self.t
+        identity = await t.admission.require_identity(context)
+        try:
+            outcome = await t.offload(action, request.session_id, identity, request.reason)
+        except StatusError as exc:
+            await context.abort(status_of(exc), exc.message)
+        except MacpError as exc:
+            return response_type(ack=error_ack(exc, "", request.session_id))
+        return response_type(ack=ok_ack(outcome, "", request.session_id))
+
+    async def ListSessions(self, request, context):
+        """Every session in memory (no lazy expiry). page_size 0 = all of them, as v0.4.0 answers;
+        page_size > 0 pages in (started_at, session_id) order with an opaque next_page_token."""
+        t = self.t
+        await t.admission.require_identity(context)
+        await t.offload(t.engine.refresh_sessions)   # a shared store: sessions other instances hold too
+        sessions = t.engine.sessions()
+        if request.page_size < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
+        if request.page_size == 0 and not request.page_token:
+            return core_pb2.ListSessionsResponse(sessions=[session_metadata(s) for s in sessions])
+        sessions.sort(key=lambda s: (s.started_at_ms, s.session_id))
+        if request.page_token:
+            after = _parse_page_token(request.page_token)
+            if after is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token is not one this server issued")
+            sessions = [s for s in sessions if (s.started_at_ms, s.session_id) > after]
+        size = min(request.page_size, MAX_PAGE_SIZE) if request.page_size else len(sessions)
+        page = sessions[:size]
+        token = _page_token(page[-1]) if len(sessions) > size else ""
+        return core_pb2.ListSessionsResponse(sessions=[session_metadata(s) for s in page], next_page_token=token)
+
+    async def WatchSessions(self, request, context):
+        t = self.t
+        await t.admission.require_identity(context)
+        await t.admission.streams.acquire(context)
+        try:
+            await t.offload(t.engine.refresh_sessions)   # a shared store: sessions other instances hold too
+            bell = Doorbell(t.wakeups)
+            sub = t.engine.lifecycle.subscribe(bell.ring)   # before the snapshot: nothing can fall between
+            if t.engine.closing.is_set():
+                sub.cancel()
+                return
+            first = [created_event(s) for s in t.engine.sessions()]
+            async for frame in watch(bell, sub, lifecycle_response, first):
+                yield frame
+        finally:
+            t.admission.streams.release()
+
+
+def _page_token(session) -> str:
+    raw = f"{session.started_at_ms}:{session.session_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_page_token(token: str) -> tuple[int, str] | None:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        started, _, session_id = raw.partition(":")
+        return int(started), session_id
+    except (ValueError, UnicodeDecodeError):
+        return None

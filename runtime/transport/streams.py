@@ -1,0 +1,273 @@
+"""StreamSession (runtime.md §7): one coroutine per call, no thread.
+
+Each call is a `SessionStream`: the engine offers it live envelopes (from the loop or a kernel
+thread, under the session's lock: never blocking, bounded at LIVE_CAPACITY), a reader task queues
+the client's frames (bounded at REQUEST_BACKLOG, then HTTP/2 flow control holds the client), and the
+call's coroutine writes everything out in order. Accepted envelopes arrive pre-encoded (one encoding
+per envelope whatever the number of subscribers). A subscriber that falls LIVE_CAPACITY envelopes
+behind is cut off with RESOURCE_EXHAUSTED; if it does not even read, its call is cancelled after
+LAG_GRACE_S so it cannot hold the server's memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import grpc
+
+from ..errors import MacpError, StatusError
+from ..session import OPEN
+from ..specs.hooks.common import is_blank
+from ..storage import ENTRY_KIND_INCOMING
+from .convert import accepted_frame, history_frame, inline_error
+from .loop import Doorbell
+from .status import error_status, status_of
+
+log = logging.getLogger("macp_runtime.streams")
+
+LIVE_CAPACITY = 256        # live envelopes queued per StreamSession subscriber (runtime.md §7.5)
+REQUEST_BACKLOG = 32       # client frames read ahead of processing
+LAG_GRACE_S = 5.0          # a lagging stream whose client does not even read is cancelled after this
+
+# Status codes that end a StreamSession; every other error is an inline frame (runtime.md §7.4).
+TERMINAL_CODES = frozenset({
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+})
+FORBIDDEN_SUBSCRIBE = "FORBIDDEN: caller is not a declared participant or observer for this session"
+ONE_SESSION = "StreamSession may only carry envelopes for one session_id"
+
+
+class _Terminate(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        self.message = message
+
+
+class SessionStream:
+    """One StreamSession call as the engine sees it (`offer`, `discard_before`, `shutdown`)."""
+
+    __slots__ = ("bell", "live", "dropped", "finished", "closing", "requests", "input_done", "room",
+                 "bound", "subscribed", "task", "wakeups")
+
+    def __init__(self, wakeups):
+        self.wakeups = wakeups
+        self.bell = Doorbell(wakeups)
+        self.live: collections.deque = collections.deque()   # (log index, Accepted)
+        self.dropped = 0          # envelopes that found the live queue full
+        self.finished = False     # the call ended: nothing more is accepted
+        self.closing = False      # the server is stopping
+        self.requests: collections.deque = collections.deque()
+        self.input_done = False   # the client half-closed (or its side failed)
+        self.room = asyncio.Event()
+        self.bound: str | None = None
+        self.subscribed = False
+        self.task: asyncio.Task | None = None
+
+    # --- engine side (any thread) ------------------------------------------------------------
+
+    def offer(self, index: int, item) -> bool:
+        """Queue a live envelope; never blocks. False tells the engine to drop this subscriber."""
+        if self.finished:
+            return False
+        if self.dropped:              # already cut off: only count, so the status can say how many
+            self.dropped += 1
+            return True
+        if len(self.live) >= LIVE_CAPACITY:
+            self.dropped = 1
+            self.bell.ring()
+            self.wakeups.call(self._start_lag_timer)
+            return True
+        self.live.append((index, item))
+        self.bell.ring()
+        return True
+
+    def discard_before(self, index: int) -> None:
+        """A history snapshot of `index` records was just taken: queued envelopes it covers go.
+        (The call's coroutine is waiting for that snapshot, so nothing else takes from `live`.)"""
+        live = self.live
+        while live and live[0][0] < index:
+            live.popleft()
+
+    def shutdown(self) -> None:
+        self.closing = True
+        self.bell.ring()
+
+    def _start_lag_timer(self) -> None:
+        asyncio.get_running_loop().call_later(LAG_GRACE_S, self._cancel_if_running)
+
+    def _cancel_if_running(self) -> None:
+        if not self.finished and self.task is not None:
+            self.task.cancel()   # stuck writing to a client that does not read
+
+    # --- the client's frames --------------------------------------------------------------------
+
+    async def read(self, context) -> None:
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
+                self.requests.append(request)
+                self.bell.ring()
+                while len(self.requests) >= REQUEST_BACKLOG and not self.finished:
+                    self.room.clear()
+                    await self.room.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception:   # the call failed or was cancelled: nothing more comes from the client
+            pass
+        self.input_done = True
+        self.bell.ring()
+
+
+class StreamHandler:
+    def __init__(self, t):
+        self.t = t
+
+    async def StreamSession(self, request_iterator, context):
+        t = self.t
+        admission = t.admission
+        identity = admission.identity(context)
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
+        await admission.streams.acquire(context)
+        engine = t.engine
+        stream = SessionStream(t.wakeups)
+        stream.task = asyncio.current_task()
+        engine.register_stream(stream)
+        reader = asyncio.ensure_future(stream.read(context))
+        try:
+            await self._serve(stream, context, identity)
+        finally:
+            stream.finished = True
+            stream.live.clear()
+            reader.cancel()
+            if stream.subscribed:
+                engine.unsubscribe(stream.bound, stream)
+            engine.unregister_stream(stream)
+            admission.streams.release()
+
+    async def _serve(self, stream: SessionStream, context, identity) -> None:
+        live, requests = stream.live, stream.requests
+        while True:
+            if stream.closing:
+                context.set_code(grpc.StatusCode.UNAVAILABLE)
+                context.set_details("the server is shutting down")
+                return
+            if stream.dropped:
+                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.set_details(f"StreamSession receiver fell behind by {stream.dropped} envelopes")
+                log.info("stream of %s on session %s cut off: fell behind by %d envelopes",
+                         identity.sender, stream.bound, stream.dropped)
+                return
+            if live:
+                await context.write(accepted_frame(live.popleft()[1]))
+                continue
+            if requests:
+                request = requests.popleft()
+                stream.room.set()
+                try:
+                    for frame in await self._frame(stream, request, identity):
+                        await context.write(frame)
+                except _Terminate as end:
+                    context.set_code(end.code)
+                    context.set_details(end.message)
+                    return
+                continue
+            if stream.input_done:   # half-closed, live envelopes drained
+                return
+            await stream.bell.wait()
+
+    async def _frame(self, stream: SessionStream, request, identity) -> list:
+        """One client frame: the frames it produces; raises _Terminate to end the stream."""
+        if request.subscribe_session_id:
+            return await self._subscribe(stream, request, identity)
+        if not request.HasField("envelope"):
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT,
+                             "StreamSessionRequest must contain an envelope or subscribe_session_id")
+        t = self.t
+        engine = t.engine
+        env = request.envelope
+        try:
+            t.admission.check_shape(env)
+        except MacpError as exc:
+            return [_inline_or_end(exc, stream)]
+        if is_blank(env.session_id):
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, "StreamSession requires a non-empty session_id")
+        if is_blank(env.mode):
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, "StreamSession requires a non-empty mode")
+        session_id = env.session_id
+        if stream.bound is not None and stream.bound != session_id:
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, ONE_SESSION)
+        if env.sender and env.sender != identity.sender:
+            raise _Terminate(grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
+        env.sender = identity.sender
+        mtype = env.message_type
+        is_start = mtype == "SessionStart"
+        if not is_start:
+            try:
+                session = await t.offload(engine.lookup, session_id)
+            except StatusError:
+                session = None
+            if session is not None:
+                if env.mode != session.mode:
+                    raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT,
+                                     "INVALID_ENVELOPE: envelope mode does not match the bound session mode")
+                if session.status != OPEN:
+                    raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, "SESSION_NOT_OPEN")
+        if not t.admission.may_send(identity, env, is_start):
+            return [inline_error("Forbidden", stream.bound or "")]
+        if not t.admission.rate_allows(identity, is_start):
+            raise _Terminate(grpc.StatusCode.RESOURCE_EXHAUSTED, "RateLimited")
+        if stream.bound is None:
+            stream.bound = session_id
+        if not stream.subscribed:
+            engine.subscribe(session_id, stream)
+            stream.subscribed = True
+        try:
+            if is_start:
+                await t.offload(engine.start_session, env, identity)
+            elif mtype == "Progress":
+                await t.messages.ambient(env)
+            else:
+                await t.offload(engine.process_message, env, identity)
+        except MacpError as exc:
+            engine.metrics.send_done(env.mode, mtype, exc.code, None)
+            return [_inline_or_end(exc, stream)]
+        engine.metrics.send_done(env.mode, mtype, "", None)
+        return []   # success: the accepted envelope comes back through the session's channel
+
+    async def _subscribe(self, stream: SessionStream, request, identity) -> list:
+        if request.HasField("envelope"):
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT,
+                             "StreamSessionRequest must not contain both envelope and subscribe_session_id")
+        engine = self.t.engine
+        session_id = request.subscribe_session_id
+        if stream.bound is not None and stream.bound != session_id:
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, ONE_SESSION)
+        try:
+            session = await self.t.offload(engine.lookup, session_id)
+        except StatusError as exc:
+            raise _Terminate(status_of(exc), exc.message) from None
+        if not engine.may_read(session, identity):
+            return [inline_error(FORBIDDEN_SUBSCRIBE, stream.bound or "")]
+        stream.bound = session_id
+        try:
+            records = await self.t.offload(engine.subscribe_with_history, session, stream)
+        except StatusError as exc:     # evicted in between
+            raise _Terminate(status_of(exc), exc.message) from None
+        except MacpError as exc:
+            raise _Terminate(*error_status(exc)) from None
+        stream.subscribed = True
+        return [history_frame(records[i]) for i in range(min(request.after_sequence, len(records)), len(records))
+                if records[i].kind == ENTRY_KIND_INCOMING]
+
+
+def _inline_or_end(exc: MacpError, stream: SessionStream):
+    """runtime.md §7.4: the error as a status; terminal codes end the stream, the rest are frames."""
+    code, message = error_status(exc)
+    if code in TERMINAL_CODES:
+        raise _Terminate(code, message)
+    return inline_error(message, stream.bound or "")
