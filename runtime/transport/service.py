@@ -16,6 +16,43 @@ from .sessions import MessageHandler, SessionHandler
 from .streams import StreamHandler
 
 SERVICE_NAME = "macp.v1.MACPRuntimeService"
+UNDECODABLE_DETAILS = "Exception deserializing request!"   # what grpc itself says for an unparsable request
+
+
+class _Undecodable:
+    """What the request deserializer returns for bytes that do not parse: the handler's guard
+    answers INTERNAL (as grpc's own deserialization failure does) instead of UNKNOWN."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _decoder(request_type):
+    parse = request_type.FromString
+
+    def decode(data: bytes):
+        try:
+            return parse(data)
+        except Exception:
+            return UNDECODABLE
+    return decode
+
+
+def _guard_unary(behaviour):
+    async def call(request, context):
+        if request is UNDECODABLE:
+            await context.abort(grpc.StatusCode.INTERNAL, UNDECODABLE_DETAILS)
+        return await behaviour(request, context)
+    return call
+
+
+def _guard_stream(behaviour):
+    async def call(request, context):
+        if request is UNDECODABLE:
+            await context.abort(grpc.StatusCode.INTERNAL, UNDECODABLE_DETAILS)
+        async for frame in behaviour(request, context):
+            yield frame
+    return call
 
 
 class Transport:
@@ -41,14 +78,14 @@ def generic_handler(t: Transport) -> grpc.GenericRpcHandler:
         if behaviour is None:
             continue
         request_type = message_factory.GetMessageClass(method.input_type)
-        if method.client_streaming and method.server_streaming:
+        if method.client_streaming and method.server_streaming:   # StreamSession checks each frame
             make = grpc.stream_stream_rpc_method_handler
         elif method.server_streaming:
-            make = grpc.unary_stream_rpc_method_handler
+            make, behaviour = grpc.unary_stream_rpc_method_handler, _guard_stream(behaviour)
         elif method.client_streaming:
             make = grpc.stream_unary_rpc_method_handler
         else:
-            make = grpc.unary_unary_rpc_method_handler
-        methods[method.name] = make(behaviour, request_deserializer=request_type.FromString,
+            make, behaviour = grpc.unary_unary_rpc_method_handler, _guard_unary(behaviour)
+        methods[method.name] = make(behaviour, request_deserializer=_decoder(request_type),
                                     response_serializer=encode)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)

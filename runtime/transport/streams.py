@@ -15,6 +15,7 @@ import collections
 import logging
 
 import grpc
+from macp.v1 import core_pb2
 
 from ..errors import MacpError, StatusError
 from ..session import OPEN
@@ -37,6 +38,7 @@ TERMINAL_CODES = frozenset({
 })
 FORBIDDEN_SUBSCRIBE = "FORBIDDEN: caller is not a declared participant or observer for this session"
 ONE_SESSION = "StreamSession may only carry envelopes for one session_id"
+_Request = core_pb2.StreamSessionRequest
 
 
 class _Terminate(Exception):
@@ -182,6 +184,8 @@ class StreamHandler:
 
     async def _frame(self, stream: SessionStream, request, identity) -> list:
         """One client frame: the frames it produces; raises _Terminate to end the stream."""
+        if request.__class__ is not _Request:   # a frame that did not parse
+            raise _Terminate(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
         if request.subscribe_session_id:
             return await self._subscribe(stream, request, identity)
         if not request.HasField("envelope"):
