@@ -71,7 +71,8 @@ def snapshot(session: Session, *, exact: bool) -> SessionSnapshot:
         extension_keys=session.extension_keys, seen_message_ids=sorted(session.seen), phase=session.phase,
         mode_state=state.encode("utf-8"), policy_definition=session.policy.to_json() if session.policy else "",
         accumulated_suspended_ms=session.accumulated_suspended_ms, entries_covered=session.log_length,
-        mode_spec_digest=compiled.digest if getattr(compiled, "source_text", None) is not None else "")
+        mode_spec_digest=compiled.digest if getattr(compiled, "source_text", None) is not None else "",
+        semantics_rev=session.semantics_rev, bound_max_suspend_ms=session.suspend_cap_ms)
     if session.resolution is not None:
         snap.resolution = session.resolution
     if session.suspended_at_ms is not None:
@@ -153,6 +154,9 @@ def restore(session_id: str, record: LogRecord, compiled_for, policy_for) -> Ses
     session.resolution = snap.resolution if snap.HasField("resolution") else None
     session.suspended_at_ms = snap.suspended_at_ms if snap.HasField("suspended_at_ms") else None
     session.accumulated_suspended_ms = snap.accumulated_suspended_ms
+    session.semantics_rev = snap.semantics_rev
+    if snap.bound_max_suspend_ms > 0:
+        session.suspend_cap_ms = snap.bound_max_suspend_ms
     return session
 
 

@@ -76,6 +76,9 @@ def _serve_parser(sub) -> None:
                    help="serve Prometheus metrics over HTTP on this address (MACP_METRICS_ADDR; default off)")
     p.add_argument("--log-json", dest="log_json", action="store_const", const=True,
                    help="one JSON object per log line (MACP_LOG_FORMAT=json)")
+    p.add_argument("--protocol-profile", dest="protocol_profile", choices=["current", "v0.4.0"],
+                   help="protocol line to speak: current (what macp-sdk-python 0.22 expects) or v0.4.0 "
+                        "(the Rust reference v0.4.0, exactly) (MACP_PROTOCOL_PROFILE, default current)")
 
 
 def _docs_parser(sub) -> None:

@@ -39,6 +39,7 @@ class Config:
     log_json: bool = False
     reflection: bool | None = None        # None: on in dev-mode auth, off otherwise
     metrics_addr: str | None = None       # host:port of the Prometheus endpoint; None = off
+    protocol_profile: str = "current"     # `current` or `v0.4.0` (runtime/profile.py)
     warnings: list[str] = dataclasses.field(default_factory=list)   # logged at start-up
 
     def describe(self) -> dict:
@@ -82,6 +83,7 @@ ENV_VARS = [
     ("MACP_LOG_FORMAT", "log_json", "json_flag"),
     ("MACP_REFLECTION", "reflection", "bool01"),
     ("MACP_METRICS_ADDR", "metrics_addr", "str"),
+    ("MACP_PROTOCOL_PROFILE", "protocol_profile", "str"),
 ]
 
 
@@ -188,6 +190,10 @@ def _validate(cfg: Config) -> list[str]:
         problems.append("wal_segment_bytes must be a positive integer")
     if not 0 <= cfg.compact_dead_ratio <= 1:
         problems.append("compact_dead_ratio must be a number from 0 to 1")
+    from .profile import PROFILES
+    if cfg.protocol_profile not in PROFILES:
+        problems.append(f"MACP_PROTOCOL_PROFILE must be one of {', '.join(sorted(PROFILES))}, "
+                        f"got {cfg.protocol_profile!r}")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log level must be debug, info, warning or error, got {cfg.log_level!r}")
     return problems

@@ -26,11 +26,12 @@ from .auth import Identity
 from .broadcast import Broadcaster
 from .checkpoints import Checkpointer, checkpoint_record, restore as restore_checkpoint
 from .errors import NOT_FOUND, PERMISSION_DENIED, Kind, MacpError, StatusError
-from .ids import valid_session_id
 from .metrics import NO_METRICS
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
-from .session import (CANCELLED, EXPIRED, MAX_SUSPEND_MS, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session,
+from . import profile as profiles
+from .profile import Profile
+from .session import (CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session,
                       now_ms)
 from .specs.hooks.common import is_blank
 from .specs.hooks.context import Reject
@@ -83,7 +84,11 @@ class Outcome(NamedTuple):
 
 class Engine:
     def __init__(self, modes: ModeRegistry, policies: PolicyRegistry, store: Store,
-                 clock: Callable[[], int] = now_ms):
+                 clock: Callable[[], int] = now_ms, profile: Profile | None = None):
+        # The protocol profile new sessions are accepted under (runtime/profile.py); a session keeps
+        # the revision it was accepted under. In-process users default to v0.4.0; the daemon's
+        # default (MACP_PROTOCOL_PROFILE) is `current`.
+        self.profile = profile or profiles.v040()
         self.modes = modes
         self.policies = policies
         self.store = store
@@ -117,14 +122,14 @@ class Engine:
 
     def start_session(self, env, identity: Identity) -> Outcome:
         session_id = env.session_id
-        if not valid_session_id(session_id):
+        if not self.profile.valid_session_id(session_id):
             raise MacpError(Kind.InvalidSessionId, detail=f"session id {session_id!r} is not a UUID v4/v7 or base64url")
         try:
-            compiled, start = self._check_start(env.mode, env.payload)
+            compiled, start = self._check_start(env.mode, env.payload, self.profile)
         except MacpError as exc:   # shared: maybe registered through another instance a moment ago
             if not (self.shared and exc.kind is Kind.UnknownMode and self._reload_registry(self.modes)):
                 raise
-            compiled, start = self._check_start(env.mode, env.payload)
+            compiled, start = self._check_start(env.mode, env.payload, self.profile)
         now = self.clock()
         if self.shared:
             try:
@@ -152,6 +157,8 @@ class Engine:
                 raise MacpError(Kind.SessionAlreadyExists, detail=f"session {session_id!r} already exists")
         record = _incoming(env, identity.sender, now)
         record.policy_binding = session.policy.to_json()
+        record.semantics_rev = session.semantics_rev
+        record.bound_max_suspend_ms = session.suspend_cap_ms
         try:
             record.mode_spec_digest = self.spec_archive.ensure(compiled) if self.spec_archive else ""
             self._append(session, record)
@@ -177,7 +184,8 @@ class Engine:
                                                       "initiator": identity.sender}})
         return Outcome(False, session.status)
 
-    def _check_start(self, mode_name: str, raw: bytes):
+    def _check_start(self, mode_name: str, raw: bytes, prof: Profile):
+        """The kernel's SessionStart checks under the rules of `prof` (the revision being accepted or replayed)."""
         compiled = self.modes.get(mode_name)
         if compiled is None:
             raise MacpError(Kind.UnknownMode, detail=f"mode {mode_name!r} is not registered")
@@ -193,7 +201,7 @@ class Engine:
             if is_blank(start.mode_version) or is_blank(start.configuration_version):
                 raise MacpError(Kind.InvalidPayload, detail="mode_version and configuration_version are required")
             participants = start.participants
-            if not participants:
+            if not participants and prof.core_requires_participants:
                 raise MacpError(Kind.InvalidPayload, detail="participants must not be empty")
             if len(participants) > MAX_PARTICIPANTS:
                 raise MacpError(Kind.InvalidPayload, detail=f"at most {MAX_PARTICIPANTS} participants")
@@ -203,6 +211,8 @@ class Engine:
                 if is_blank(p) or t in trimmed:
                     raise MacpError(Kind.InvalidPayload, detail="participants must be non-blank and unique")
                 trimmed.add(t)
+            if prof.honour_max_suspend_ms and start.max_suspend_ms < 0:
+                raise MacpError(Kind.InvalidPayload, detail="max_suspend_ms must not be negative")
         if compiled.version and start.mode_version and start.mode_version != compiled.version:
             raise MacpError(Kind.InvalidEnvelope,
                             detail=f"mode_version {start.mode_version!r} differs from {compiled.version!r}")
@@ -221,12 +231,16 @@ class Engine:
             raise MacpError(Kind.RateLimited, detail=f"{identity.sender} already has {count} open sessions")
 
     def _new_session(self, session_id, compiled, initiator, start, started_at, deadline,
-                     bound: BoundPolicy | None = None) -> Session:
+                     bound: BoundPolicy | None = None, prof: Profile | None = None,
+                     suspend_cap_ms: int = 0) -> Session:
         if bound is None:
             policy, effective = self.policies.bind(start.policy_version, compiled.name)
         else:  # replay: the binding recorded at the start, whatever the registry holds today
             policy, effective = bound, bound.policy_id
         session = Session(session_id, compiled, initiator, start, policy, started_at, deadline, effective)
+        prof = prof or self.profile
+        session.semantics_rev = prof.semantics_rev
+        session.suspend_cap_ms = suspend_cap_ms or prof.suspend_cap(start.max_suspend_ms)
         try:
             compiled.check_start(session)
         except Reject as exc:
@@ -260,6 +274,10 @@ class Engine:
             raise MacpError(Kind.SessionNotOpen, detail="the session is not open")
         if self.modes.get(session.mode) is None:
             raise MacpError(Kind.UnknownMode, detail=f"mode {session.mode!r} is no longer registered")
+        if session.semantics_rev:
+            reserved = profiles.RESERVED_MESSAGE_ID_PREFIXES.get((session.semantics_rev, session.mode))
+            if reserved is not None and env.message_id.startswith(reserved):
+                raise MacpError(Kind.InvalidEnvelope, detail=f"message ids starting {reserved!r} are the runtime's")
         compiled = session.compiled
         sender = identity.sender
         try:
@@ -556,7 +574,7 @@ class Engine:
             if now > session.deadline_ms:
                 self._expire(session, now)
         elif session.status == SUSPENDED:
-            if session.accumulated_suspended_ms + (now - session.suspended_at_ms) > MAX_SUSPEND_MS:
+            if session.accumulated_suspended_ms + (now - session.suspended_at_ms) > session.suspend_cap_ms:
                 self._expire(session, now)
 
     def _expire(self, session: Session, now: int) -> None:
@@ -723,6 +741,8 @@ class Engine:
                 continue
             record = _incoming(env, identity.sender, now)
             record.policy_binding = session.policy.to_json()
+            record.semantics_rev = session.semantics_rev
+            record.bound_max_suspend_ms = session.suspend_cap_ms
             started = perf_counter()
             try:
                 record.mode_spec_digest = self.spec_archive.ensure(compiled) if self.spec_archive else ""
@@ -934,13 +954,15 @@ class Engine:
             raise ValueError("history has no SessionStart" + (" (and its checkpoint is unusable)" if last is not None
                                                               else ""))
         start_rec = records[first]
-        compiled, start = self._check_start(start_rec.mode, start_rec.payload)
+        recorded = profiles.for_rev(start_rec.semantics_rev)   # the revision it was accepted under
+        compiled, start = self._check_start(start_rec.mode, start_rec.payload, recorded)
         if self.spec_archive is not None:   # the rules the session started with, not today's
             compiled = self.spec_archive.compiled(start_rec.mode_spec_digest, compiled)
         base = start_rec.timestamp_unix_ms or start_rec.received_at_ms
         bound = self._bound_policy(start_rec.policy_binding) if start_rec.policy_binding else None
         session = self._new_session(session_id, compiled, start_rec.sender, start,
-                                    start_rec.received_at_ms, base + start.ttl_ms, bound)
+                                    start_rec.received_at_ms, base + start.ttl_ms, bound, recorded,
+                                    start_rec.bound_max_suspend_ms)
         session.seen.add(start_rec.message_id)
         session.log_length = len(records)
         for rec in records[first + 1:]:
@@ -1076,7 +1098,7 @@ def _resume(session: Session, banked: int) -> bool:
     """Bank the suspended time: True when the session is OPEN again, False when the 7-day cap expired it."""
     session.accumulated_suspended_ms += banked
     session.suspended_at_ms = None
-    if session.accumulated_suspended_ms > MAX_SUSPEND_MS:
+    if session.accumulated_suspended_ms > session.suspend_cap_ms:
         session.status = EXPIRED
         return False
     session.deadline_ms += banked

@@ -72,13 +72,17 @@ class MacpError(Exception):
 
 NOT_FOUND = "NOT_FOUND"
 PERMISSION_DENIED = "PERMISSION_DENIED"
+# The registry code a status refusal carries when its raiser names none (current.md §3.2).
+_MACP_CODE_OF_STATUS = {NOT_FOUND: "SESSION_NOT_FOUND", PERMISSION_DENIED: "FORBIDDEN"}
 
 
 class StatusError(Exception):
     """A refusal that RPCs other than Send report as a status (e.g. NOT_FOUND on GetSession).
-    `code` is one of the names above; the transport turns it into the gRPC status of that name."""
+    `code` is one of the names above; the transport turns it into the gRPC status of that name.
+    `macp_code` is the registry code of the macp-error-code trailer (current profile)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, macp_code: str | None = None):
         self.code = code
         self.message = message
+        self.macp_code = macp_code or _MACP_CODE_OF_STATUS.get(code)
         super().__init__(f"{code}: {message}")

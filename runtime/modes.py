@@ -57,8 +57,11 @@ class ModeRegistry:
         self._refresh()
 
     @classmethod
-    def from_spec_dirs(cls, extra_dirs: list[str] | None = None) -> "ModeRegistry":
-        return cls(load_modes(extra_dirs))
+    def from_spec_dirs(cls, extra_dirs: list[str] | None = None, profile=None) -> "ModeRegistry":
+        """The built-in specs, the profile's overlay (specs/current/ replaces the v0.4.0 rules of the
+        same modes under `current`), then the extra directories."""
+        overlay = profile.spec_dirs() if profile is not None else []
+        return cls(load_modes(overlay + list(extra_dirs or [])))
 
     def _refresh(self) -> None:
         modes = list(self._modes.values())

@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .engine import Engine
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
+from . import profile as profiles
 from .tls import TlsError, server_credentials
 from .storage import StorageError, open_store
 from .spec_archive import SpecArchive
@@ -65,7 +66,9 @@ class Runtime:
         log.info("starting macp-runtime %s", __version__, extra={"fields": {
             "config": cfg.describe(),
             "env": {k: mask(k, v) for k, v in sorted(os.environ.items()) if k.startswith("MACP_")}}})
-        modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs)
+        prof = profiles.get(cfg.protocol_profile)
+        log.info("protocol profile: %s (semantics_rev %d)", prof.name, prof.semantics_rev)
+        modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs, prof)
         postgres = cfg.storage_backend == "postgres" and not cfg.memory_only
         if postgres:
             self.store = open_store(False, backend="postgres", database_url=cfg.database_url,
@@ -95,7 +98,7 @@ class Runtime:
             log.info("mode registry: %d registered or promoted modes restored", restored)
         for warning in cfg.warnings:
             log.warning("configuration: %s", warning)
-        engine = Engine(modes, policies, self.store)
+        engine = Engine(modes, policies, self.store, profile=prof)
         engine.checkpoint_interval = cfg.checkpoint_interval
         if not cfg.memory_only:
             engine.spec_archive = SpecArchive(documents())

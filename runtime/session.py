@@ -28,6 +28,7 @@ class Session:
         "policy_version", "policy", "intent", "context_id", "extension_keys", "ttl_ms",
         "started_at_ms", "deadline_ms", "seen", "activity", "resolution",
         "suspended_at_ms", "accumulated_suspended_ms", "lock", "gone", "log_length", "incarnation",
+        "semantics_rev", "suspend_cap_ms",
     )
 
     def __init__(self, session_id: str, compiled, initiator: str, start_payload, policy, started_at_ms: int,
@@ -62,6 +63,10 @@ class Session:
         self.gone = False          # set when a SessionStart failed to become durable
         self.log_length = 0
         self.incarnation = 0       # a shared store's incarnation number of this session id (1, 2, …)
+        # The protocol revision the session was accepted under (runtime/profile.py) and the suspension
+        # cap bound at its start: both recorded with the SessionStart, never re-read from the process.
+        self.semantics_rev = 0
+        self.suspend_cap_ms = MAX_SUSPEND_MS
         self.state = compiled.initial_state(self)
 
     def note_activity(self, sender: str, at_ms: int) -> None:

@@ -1,5 +1,11 @@
 """Shared fixtures: a real server process on a free loopback port, and small envelope helpers.
 
+Protocol profiles (runtime/profile.py): a server started here speaks `v0.4.0` unless told otherwise
+(`env={"MACP_PROTOCOL_PROFILE": "current"}`), because most modules assert the v0.4.0 answers. A
+module whose behaviour is shared by both profiles sets `PROFILES = ("v0.4.0", "current")` and its
+`runtime_server` tests then run once per profile; `PROFILE = "current"` runs a module under `current`
+only. The `protocol_profile` fixture names the profile of the module's server.
+
 Most tests talk to the server over gRPC exactly as a client would. `runtime_server` is shared by the
 tests of one module (sessions use fresh ids, so they do not interfere); tests that kill or restart
 the server use `server_factory` for servers of their own.
@@ -49,6 +55,7 @@ class ServerProcess:
             "MACP_DATA_DIR": self.data_dir,
             "MACP_SESSION_START_LIMIT_PER_MINUTE": "1000000",
             "MACP_MESSAGE_LIMIT_PER_MINUTE": "1000000",
+            "MACP_PROTOCOL_PROFILE": "v0.4.0",
         })
         env.update(self.extra_env)
         self._log = open(self.log_path, "ab")
@@ -129,9 +136,21 @@ def server_factory(tmp_path):
         srv.kill()
 
 
+def pytest_generate_tests(metafunc):
+    profiles = getattr(metafunc.module, "PROFILES", None)
+    if profiles and "protocol_profile" in metafunc.fixturenames:
+        metafunc.parametrize("protocol_profile", profiles, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def runtime_server(tmp_path_factory):
-    srv = ServerProcess(str(tmp_path_factory.mktemp("shared") / "data")).start()
+def protocol_profile(request) -> str:
+    return getattr(request, "param", None) or getattr(request.module, "PROFILE", "v0.4.0")
+
+
+@pytest.fixture(scope="module")
+def runtime_server(tmp_path_factory, protocol_profile):
+    srv = ServerProcess(str(tmp_path_factory.mktemp("shared") / "data"),
+                        {"MACP_PROTOCOL_PROFILE": protocol_profile}).start()
     yield srv
     srv.kill()
 

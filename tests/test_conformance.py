@@ -7,12 +7,14 @@ Each fixture is replayed twice:
     session's mode state, with the session phase under "phase") and `expected_resolution`.
 Fixtures with an inline `policy` register it first (RegisterPolicy over gRPC; `register` in-process).
 
-Two fixture sets (see ../shared/conformance/README.md):
-  * `*.json`: the v0.4.0 reference's own set, the contract; every fixture must pass;
-  * `protocol-head/*.json`: the newer protocol repository's set. Those that touch one of the documented
-    differences from v0.4.0 (a Commitment with an empty policy_version accepted, an initiator listed
-    among multi-round participants before a commitment, a schema_version 2 policy) are expected to
-    fail (strict xfail, naming the difference); all others must pass.
+Two fixture sets (see ../shared/conformance/README.md), each the contract of one protocol profile
+(runtime/profile.py, ../shared/spec/current.md §17):
+  * `*.json`: the v0.4.0 reference's own set: every fixture must pass under `v0.4.0`;
+  * `protocol-head/*.json`: the protocol repository's newer set: every fixture must pass under `current`.
+Each set is also replayed under the other profile, where the documented differences are strict
+xfails naming the difference: under `v0.4.0` the head fixtures that need an empty policy_version
+echo, a schema_version 2 policy or the multi-round initiator exemption; under `current` the two
+v0.4.0 decision fixtures that send lower-case votes (current.md §12.1 casing).
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ from macp_runtime.engine import Engine
 from macp_runtime.errors import MacpError
 from macp_runtime.modes import ModeRegistry
 from macp_runtime.policies import PolicyRegistry
+from macp_runtime import profile as profiles
 from macp_runtime.storage import MemoryStore
 
-from conftest import envelope, send
+from conftest import ServerProcess, envelope, send
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "conformance"))
@@ -76,13 +79,48 @@ def head_difference(fx: dict) -> str | None:
     return None
 
 
+def v040_difference(fx: dict) -> str | None:
+    """Which documented current-line difference a v0.4.0 fixture depends on, if any (current.md §17)."""
+    lower = [m for m in fx["messages"] if m["message_type"] == "Vote" and m["expect"] == "accept"
+             and m["payload"].get("vote", "") != m["payload"].get("vote", "").upper()]
+    if lower:
+        return "sends a lower-case vote and expects it accepted (the current line is case-sensitive)"
+    return None
+
+
 def fixture_params() -> list:
-    params = [pytest.param(p, id=fixture_id(p)) for p in FIXTURES]
+    """(profile, fixture): each set under its own profile must pass; under the other profile the
+    documented differences are strict xfails."""
+    params = []
+    for p in FIXTURES:
+        params.append(pytest.param("v0.4.0", p, id=f"v0.4.0-{fixture_id(p)}"))
+    for p in HEAD_FIXTURES:
+        params.append(pytest.param("current", p, id=f"current-{fixture_id(p)}"))
     for p in HEAD_FIXTURES:
         why = head_difference(load(p))
         marks = [pytest.mark.xfail(strict=True, reason=f"protocol-head differs from v0.4.0: {why}")] if why else []
-        params.append(pytest.param(p, id=fixture_id(p), marks=marks))
+        params.append(pytest.param("v0.4.0", p, id=f"v0.4.0-{fixture_id(p)}", marks=marks))
+    for p in FIXTURES:
+        why = v040_difference(load(p))
+        marks = [pytest.mark.xfail(strict=True, reason=f"the current line differs from v0.4.0: {why}")] if why else []
+        params.append(pytest.param("current", p, id=f"current-{fixture_id(p)}", marks=marks))
     return params
+
+
+@pytest.fixture(scope="module")
+def server_for(tmp_path_factory):
+    """One server per protocol profile, started when first needed."""
+    servers: dict[str, ServerProcess] = {}
+
+    def get(profile: str) -> ServerProcess:
+        if profile not in servers:
+            servers[profile] = ServerProcess(str(tmp_path_factory.mktemp(profile) / "data"),
+                                             {"MACP_PROTOCOL_PROFILE": profile}).start()
+        return servers[profile]
+
+    yield get
+    for srv in servers.values():
+        srv.kill()
 
 
 # --- payload encoding ------------------------------------------------------------------------------
@@ -180,10 +218,10 @@ def register_over_grpc(stub, policy: dict) -> None:
     assert resp.ok or resp.error == f"policy '{policy['policy_id']}' is already registered", resp.error
 
 
-@pytest.mark.parametrize("path", fixture_params())
-def test_fixture_over_grpc(runtime_server, path):
+@pytest.mark.parametrize("profile,path", fixture_params())
+def test_fixture_over_grpc(server_for, profile, path):
     fx = load(path)
-    stub = runtime_server.stub()
+    stub = server_for(profile).stub()
     if "policy" in fx:
         register_over_grpc(stub, fx["policy"])
     sid = str(uuid.uuid4())
@@ -215,7 +253,7 @@ def _env(fx, message_type, sid, sender, payload, ts=NOW_MS):
                                  timestamp_unix_ms=ts, payload=payload)
 
 
-def _engine_for(fx: dict) -> Engine:
+def _engine_for(fx: dict, profile: str = "v0.4.0") -> Engine:
     store = MemoryStore()
     store.open()
     policies = PolicyRegistry()
@@ -224,12 +262,13 @@ def _engine_for(fx: dict) -> Engine:
         error = policies.register(p["policy_id"], p.get("mode", "*"), p.get("description", ""),
                                   policy_rules_text(p), p.get("schema_version", 1))
         assert error is None, error
-    return Engine(ModeRegistry.from_spec_dirs(), policies, store, clock=lambda: NOW_MS)
+    prof = profiles.get(profile)
+    return Engine(ModeRegistry.from_spec_dirs(profile=prof), policies, store, clock=lambda: NOW_MS, profile=prof)
 
 
-@pytest.mark.parametrize("path", fixture_params())
-def test_fixture_in_process(path):
-    replay_in_process(load(path))
+@pytest.mark.parametrize("profile,path", fixture_params())
+def test_fixture_in_process(profile, path):
+    replay_in_process(load(path), profile)
 
 
 PV_ONLY = [p for p in HEAD_FIXTURES if (head_difference(load(p)) or "").startswith("expects a Commitment with an empty")
@@ -246,8 +285,8 @@ def test_head_fixture_passes_once_commitments_name_policy_default(path):
     replay_in_process(fx)
 
 
-def replay_in_process(fx: dict) -> None:
-    engine = _engine_for(fx)
+def replay_in_process(fx: dict, profile: str = "v0.4.0") -> None:
+    engine = _engine_for(fx, profile)
     sid = str(uuid.uuid4())
     engine.start_session(_env(fx, "SessionStart", sid, fx["initiator"], start_payload_of(fx)),
                          Identity(fx["initiator"]))

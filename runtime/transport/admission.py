@@ -9,14 +9,16 @@ from ..auth import Identity
 from ..errors import Kind, MacpError
 from ..ratelimit import SlidingWindow
 from ..specs.hooks.common import is_blank
+from .status import abort
 
 PROTOCOL_VERSION = "1.0"
 
 
 class Admission:
     def __init__(self, authenticator, *, max_payload_bytes: int, session_start_limit: int, message_limit: int,
-                 max_streams: int, metrics):
+                 max_streams: int, metrics, profile=None):
         self.auth = authenticator
+        self.profile = profile   # the protocol profile (runtime/profile.py): trailers of refusals
         self.max_payload_bytes = max_payload_bytes
         self.start_window = SlidingWindow(session_start_limit)
         self.message_window = SlidingWindow(message_limit)
@@ -31,14 +33,14 @@ class Admission:
     async def require_identity(self, context) -> Identity:
         identity = self.identity(context)
         if identity is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
+            await abort(context, self.profile, grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated", "UNAUTHENTICATED")
         return identity
 
     async def require_registry_manager(self, context) -> Identity:
         """Register/Unregister/Promote modes and Register/Unregister policies need this capability."""
         identity = await self.require_identity(context)
         if not identity.can_manage_mode_registry:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "Forbidden")
+            await abort(context, self.profile, grpc.StatusCode.PERMISSION_DENIED, "Forbidden", "FORBIDDEN")
         return identity
 
     # --- envelopes -------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import grpc
-from macp.v1 import core_pb2, policy_pb2
+from macp.v1 import core_pb2
 
 from .. import __version__
 from ..session import now_ms
 from .admission import PROTOCOL_VERSION
 from .loop import Doorbell
+from .status import abort
 
 RUNTIME_NAME = "macp-runtime"
 RUNTIME_TITLE = "MACP Reference Runtime"
@@ -16,42 +17,33 @@ CONTENT_TYPE = "application/macp-envelope+proto"
 INSTRUCTIONS = ("Authenticate every call with `authorization: Bearer <token>` and send envelopes with the unary "
                 "Send RPC (StreamSession for bidirectional streams).")
 
-CAPABILITIES = core_pb2.Capabilities(
-    sessions=core_pb2.SessionsCapability(stream=True, list_sessions=True, watch_sessions=True),
-    cancellation=core_pb2.CancellationCapability(cancel_session=True),
-    progress=core_pb2.ProgressCapability(progress=True),
-    manifest=core_pb2.ManifestCapability(get_manifest=True),
-    mode_registry=core_pb2.ModeRegistryCapability(list_modes=True, list_changed=True),
-    roots=core_pb2.RootsCapability(list_roots=True, list_changed=True),
-    policy_registry=policy_pb2.PolicyRegistryCapability(register_policy=True, list_policies=True, list_changed=True),
-    experimental=core_pb2.ExperimentalCapabilities(features={"ext_mode_lifecycle": "true"}),
-)
-
-
 class DiscoveryHandler:
     def __init__(self, t):
         self.t = t
 
     async def Initialize(self, request, context):
         versions = list(request.supported_protocol_versions)
+        profile = self.t.engine.profile
         if not versions:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "INVALID_REQUEST: supported_protocol_versions must not be empty")
+            await abort(context, profile, grpc.StatusCode.INVALID_ARGUMENT,
+                        "INVALID_REQUEST: supported_protocol_versions must not be empty", "INVALID_REQUEST")
         if PROTOCOL_VERSION not in versions:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "UNSUPPORTED_PROTOCOL_VERSION: no mutually supported protocol version")
+            await abort(context, profile, grpc.StatusCode.FAILED_PRECONDITION,
+                        "UNSUPPORTED_PROTOCOL_VERSION: no mutually supported protocol version",
+                        "UNSUPPORTED_PROTOCOL_VERSION")
         return core_pb2.InitializeResponse(
             selected_protocol_version=PROTOCOL_VERSION,
-            runtime_info=core_pb2.RuntimeInfo(name=RUNTIME_NAME, title=RUNTIME_TITLE, version="0.4.0",
+            runtime_info=core_pb2.RuntimeInfo(name=RUNTIME_NAME, title=RUNTIME_TITLE, version=profile.runtime_version,
                                               description=f"{RUNTIME_DESCRIPTION} (macp-runtime-python {__version__})"),
-            capabilities=CAPABILITIES,
+            capabilities=profile.capabilities(),
             supported_modes=self.t.engine.modes.names,
             instructions=INSTRUCTIONS,
         )
 
     async def GetManifest(self, request, context):
         if request.agent_id not in ("", RUNTIME_NAME):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"Agent '{request.agent_id}' not found")
+            await abort(context, self.t.engine.profile, grpc.StatusCode.NOT_FOUND,
+                        f"Agent '{request.agent_id}' not found", "AGENT_NOT_FOUND")
         return core_pb2.GetManifestResponse(manifest=core_pb2.AgentManifest(
             agent_id=RUNTIME_NAME, title=RUNTIME_TITLE, description=RUNTIME_DESCRIPTION,
             supported_modes=self.t.engine.modes.names,

@@ -35,7 +35,8 @@ class GrpcServer:
         self.offload = Offload(blocking, workers)
         self.admission = Admission(authenticator, max_payload_bytes=max_payload_bytes,
                                    session_start_limit=session_start_limit, message_limit=message_limit,
-                                   max_streams=max_streams, metrics=lambda: engine.metrics)
+                                   max_streams=max_streams, metrics=lambda: engine.metrics,
+                                   profile=engine.profile)
         self.server: grpc.aio.Server | None = None
         self.health = None
         self.port = 0

@@ -16,7 +16,7 @@ from ..specs.hooks.common import is_blank
 from .convert import (created_event, error_ack, lifecycle_response, ok_ack, session_metadata,
                       signal_response)
 from .loop import Doorbell
-from .status import status_of
+from .status import abort, abort_status_error
 from .watch import watch
 
 log = logging.getLogger("macp_runtime.service")
@@ -33,7 +33,8 @@ class MessageHandler:
 
     async def Send(self, request, context):
         if not request.HasField("envelope"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SendRequest must contain an envelope")
+            await abort(context, self.t.engine.profile, grpc.StatusCode.INVALID_ARGUMENT,
+                        "SendRequest must contain an envelope", "INVALID_REQUEST")
         t = self.t
         env = request.envelope
         started = perf_counter()
@@ -56,7 +57,7 @@ class MessageHandler:
                     "session_id": env.session_id, "message_id": env.message_id, "sender": env.sender,
                     "detail": exc.detail}})
             engine.metrics.send_done(env.mode, env.message_type, exc.code, perf_counter() - started)
-            return core_pb2.SendResponse(ack=error_ack(exc, env.message_id, env.session_id))
+            return core_pb2.SendResponse(ack=error_ack(exc, env.message_id, env.session_id, engine.profile))
         engine.metrics.send_done(env.mode, env.message_type, "", perf_counter() - started)
         return core_pb2.SendResponse(ack=ok_ack(outcome, env.message_id, env.session_id))
 
@@ -111,7 +112,7 @@ class SessionHandler:
         try:
             session = await t.offload(t.engine.get_session, request.session_id, identity)
         except StatusError as exc:
-            await context.abort(status_of(exc), exc.message)
+            await abort_status_error(context, t.engine.profile, exc)
         return core_pb2.GetSessionResponse(metadata=session_metadata(session))
 
     async def CancelSession(self, request, context):
@@ -130,9 +131,9 @@ class SessionHandler:
         try:
             outcome = await t.offload(action, request.session_id, identity, request.reason)
         except StatusError as exc:
-            await context.abort(status_of(exc), exc.message)
+            await abort_status_error(context, t.engine.profile, exc)
         except MacpError as exc:
-            return response_type(ack=error_ack(exc, "", request.session_id))
+            return response_type(ack=error_ack(exc, "", request.session_id, t.engine.profile))
         return response_type(ack=ok_ack(outcome, "", request.session_id))
 
     async def ListSessions(self, request, context):

@@ -49,3 +49,15 @@ def error_status(exc: MacpError) -> tuple[grpc.StatusCode, str]:
 
 def status_of(exc: StatusError) -> grpc.StatusCode:
     return STATUS_OF[exc.code]
+
+
+async def abort(context, profile, status: grpc.StatusCode, message: str, macp_code: str | None = None,
+                details: bytes = b"") -> None:
+    """End the call with `status`; under the `current` profile with the macp-error-code trailer
+    (and macp-error-details-bin when there are details), current.md §3.2."""
+    trailers = profile.trailers(macp_code, details) if profile is not None else ()
+    await context.abort(status, message, trailing_metadata=trailers)
+
+
+async def abort_status_error(context, profile, exc: StatusError) -> None:
+    await abort(context, profile, status_of(exc), exc.message, exc.macp_code)

@@ -1,0 +1,185 @@
+"""Mode rules of the current protocol line (semantics_rev 4, current.md §6, §12), named by the specs
+in `specs/current/`. Each function is one rule; the v0.4.0 specs keep naming the v0.4.0 hooks, so a
+session runs the rules of the spec it started under (no profile test anywhere in here).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from macp.modes.multi_round.v1 import multi_round_pb2
+
+from . import multi_round as multi_round_hooks
+from . import task as task_hooks
+from .common import _NEGATIVE_SUFFIXES, _POSITIVE_SUFFIXES, is_blank
+from .context import HookContext, Reject
+from .governance import Denial
+from .policy_rules import TASK_SCHEMA, rules_for
+
+# --- the Commitment contract (current.md §6.1) ---------------------------------------------------
+
+_COMMITMENT_HASH = re.compile(r"sha256:[0-9a-f]{64}\Z")
+
+
+def commitment_contract(ctx: HookContext) -> bool:
+    """Required fields, version binding, the policy_version echo (empty matches the bound policy),
+    a well-formed `supersedes`, the outcome sign."""
+    c = ctx.payload
+    session = ctx.session
+    if is_blank(c.commitment_id) or is_blank(c.action) or is_blank(c.authority_scope) or is_blank(c.reason):
+        raise Reject("InvalidPayload", detail="commitment_id, action, authority_scope and reason are required")
+    if c.mode_version != session.mode_version or c.configuration_version != session.configuration_version:
+        raise Reject("InvalidPayload", detail="commitment mode_version/configuration_version differ from the session")
+    if c.policy_version and c.policy_version != session.policy_version:
+        raise Reject("InvalidPayload", detail="commitment policy_version differs from the session's bound policy")
+    if c.HasField("supersedes") and (is_blank(c.supersedes.session_id)
+                                     or not _COMMITMENT_HASH.match(c.supersedes.commitment_hash)):
+        raise Reject("InvalidPayload", detail="supersedes needs session_id and a sha256:<64 hex> commitment_hash")
+    action = c.action
+    if action.endswith(_NEGATIVE_SUFFIXES):
+        if c.outcome_positive:
+            raise Reject("InvalidPayload", detail=f"action {action!r} requires outcome_positive = false")
+    elif action.endswith(_POSITIVE_SUFFIXES) and not c.outcome_positive:
+        raise Reject("InvalidPayload", detail=f"action {action!r} requires outcome_positive = true")
+    return True
+
+
+# --- Decision (current.md §12.1) -----------------------------------------------------------------
+
+def vote_exact(ctx: HookContext) -> bool:
+    return ctx.payload.vote in ("APPROVE", "REJECT", "ABSTAIN")
+
+
+def recommendation_exact(ctx: HookContext) -> bool:
+    return ctx.payload.recommendation in ("APPROVE", "REVIEW", "BLOCK", "REJECT")
+
+
+def severity_exact(ctx: HookContext) -> bool:
+    return ctx.payload.severity in ("", "critical", "high", "medium", "low")
+
+
+def confidence_finite_in_range(ctx: HookContext) -> bool:
+    c = ctx.payload.confidence
+    return math.isfinite(c) and 0.0 <= c <= 1.0
+
+
+# --- Task (current.md §12.3) ---------------------------------------------------------------------
+
+def someone_besides_initiator(session) -> bool:
+    """The initiator may orchestrate from outside the roster; someone else must be on it."""
+    return any(p != session.initiator for p in session.participants)
+
+
+def _allow_reassignment(ctx: HookContext) -> bool:
+    return rules_for(ctx.session.policy, TASK_SCHEMA)["assignment"]["allow_reassignment_on_reject"]
+
+
+def _rejected(ctx: HookContext, sender: str) -> bool:
+    return any(r["assignee"] == sender for r in ctx.state["rejections"])
+
+
+def assignee_may_give_back(ctx: HookContext) -> bool:
+    if ctx.state["active_assignee"] == ctx.sender and not _allow_reassignment(ctx):
+        raise Reject("PolicyDenied", Denial("active assignee cannot reject without allow_reassignment_on_reject "
+                                            "policy", "reassignment_not_allowed"))
+    return True
+
+
+def sender_never_rejected(ctx: HookContext) -> bool:
+    return not _rejected(ctx, ctx.sender)
+
+
+def reassignment_after_give_back_permitted(ctx: HookContext) -> bool:
+    if any(r.get("while_assigned") for r in ctx.state["rejections"]) and not _allow_reassignment(ctx):
+        raise Reject("PolicyDenied", Denial("reassignment after rejection not allowed by policy",
+                                            "reassignment_not_allowed"))
+    return True
+
+
+def record_reject(ctx: HookContext) -> None:
+    """A give-back (the active assignee) frees the slot; anyone else's is a personal decline."""
+    state = ctx.state
+    while_assigned = state["active_assignee"] == ctx.sender
+    if while_assigned:
+        state["active_assignee"] = None
+    state["rejections"].append({"task_id": ctx.payload.task_id, "assignee": ctx.sender,
+                                "reason": ctx.payload.reason, "while_assigned": while_assigned})
+
+
+def _no_eligible_responder(ctx: HookContext) -> bool:
+    task = ctx.state["task"]
+    if task is None or ctx.state["active_assignee"] is not None:
+        return False
+    requested = task["requested_assignee"]
+    if requested:
+        return _rejected(ctx, requested)
+    return all(_rejected(ctx, p) for p in ctx.session.participants if p != ctx.session.initiator)
+
+
+def task_commitment_ready(ctx: HookContext) -> bool:
+    """A terminal report (either direction), or — negative only — no eligible responder remains."""
+    if task_hooks.reported(ctx):
+        return True
+    return not ctx.payload.outcome_positive and _no_eligible_responder(ctx)
+
+
+# --- Handoff (current.md §4.3, §12.4) ------------------------------------------------------------
+
+IMPLICIT_ACCEPT_PREFIX = "implicit-accept:"
+
+
+def target_never_declined(ctx: HookContext) -> bool:
+    """RFC-0010 §5 rule 3a: a target that declined an offer is not offered to again."""
+    target = ctx.payload.target_participant
+    return not any(o["target_participant"] == target and o["disposition"] == "Declined"
+                   for o in ctx.state["offers"].values())
+
+
+def accept_not_implicit(ctx: HookContext) -> bool:
+    """Only the runtime may record an implicit accept."""
+    return not ctx.payload.implicit
+
+
+# --- Multi-round (current.md §12.6) --------------------------------------------------------------
+
+def _canonical_proto(raw: bytes) -> bool:
+    msg = multi_round_pb2.ContributePayload()
+    try:
+        msg.ParseFromString(raw)
+    except Exception:
+        return False
+    msg.DiscardUnknownFields()   # "no unknown fields once discarded": they would change the bytes
+    return msg.SerializeToString(deterministic=True) == raw
+
+
+def decode_contribution(raw: bytes) -> str:
+    """Canonical protobuf `ContributePayload`; the legacy JSON `{"value": …}` still accepted unless the
+    bytes are also the canonical protobuf encoding (the rev-3 tie-break)."""
+    if not raw:
+        raise Reject("InvalidPayload", detail="Contribute payload is empty")
+    if raw[:1] in (b"{", b"[", b" ", b"\t", b"\n", b"\r") and not _canonical_proto(raw):
+        try:
+            return multi_round_hooks.decode_contribution(raw)
+        except Reject:
+            pass
+    msg = multi_round_pb2.ContributePayload()
+    try:
+        msg.ParseFromString(raw)
+    except Exception:
+        raise Reject("InvalidPayload", detail="Contribute payload is neither JSON nor a ContributePayload") from None
+    return msg.value
+
+
+def record_contribution(ctx: HookContext) -> None:
+    """Converged when every participant other than the initiator has contributed and all stored
+    values (the initiator's included, if it chose to contribute) are equal."""
+    state = ctx.state
+    contributions = state["contributions"]
+    value = ctx.payload
+    if ctx.sender not in contributions or contributions[ctx.sender] != value:
+        state["round"] += 1
+        contributions[ctx.sender] = value
+    initiator = ctx.session.initiator
+    required = [p for p in state["participants"] if p != initiator]
+    if contributions and all(p in contributions for p in required) and len(set(contributions.values())) <= 1:
+        state["converged"] = True
