@@ -201,7 +201,7 @@ class Engine:
             if is_blank(start.mode_version) or is_blank(start.configuration_version):
                 raise MacpError(Kind.InvalidPayload, detail="mode_version and configuration_version are required")
             participants = start.participants
-            if not participants and prof.core_requires_participants:
+            if not participants and compiled.name not in prof.empty_roster_modes:
                 raise MacpError(Kind.InvalidPayload, detail="participants must not be empty")
             if len(participants) > MAX_PARTICIPANTS:
                 raise MacpError(Kind.InvalidPayload, detail=f"at most {MAX_PARTICIPANTS} participants")

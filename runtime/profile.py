@@ -74,7 +74,7 @@ class Profile:
     spec_overlay: str | None            # directory under specs/ whose specs replace the base ones
     error_trailer: bool                 # macp-error-code (+ details-bin) trailing metadata (§3.2)
     structured_denials: bool            # POLICY_DENIED details carry `denials` (§3.4)
-    core_requires_participants: bool    # strict SessionStart refuses an empty roster in the kernel (§5.1)
+    empty_roster_modes: frozenset       # strict modes whose SessionStart may declare no participants (§5.1)
     honour_max_suspend_ms: bool         # SessionStartPayload.max_suspend_ms binds the cap (§5.3)
     roots_list_changed: bool            # Initialize capabilities.roots.list_changed (§2.3)
     new_error_codes: bool               # AGENT_NOT_FOUND, INVALID_REQUEST, REGISTRY_READ_ONLY, ... (§3.1)
@@ -149,14 +149,15 @@ class Profile:
 
 def v040() -> Profile:
     return Profile(name="v0.4.0", semantics_rev=0, runtime_version="0.4.0", spec_overlay=None,
-                   error_trailer=False, structured_denials=False, core_requires_participants=True,
+                   error_trailer=False, structured_denials=False, empty_roster_modes=frozenset(),
                    honour_max_suspend_ms=False, roots_list_changed=True, new_error_codes=False,
                    paged_list_sessions=False, signals_need_auth=False, lag_is_error=False)
 
 
 def current() -> Profile:
     return Profile(name="current", semantics_rev=4, runtime_version="0.9.0", spec_overlay="current",
-                   error_trailer=True, structured_denials=True, core_requires_participants=False,
+                   error_trailer=True, structured_denials=True,
+                   empty_roster_modes=frozenset({"macp.mode.decision.v1"}),   # RFC-MACP-0007 1.3.0 §2
                    honour_max_suspend_ms=True, roots_list_changed=False, new_error_codes=True,
                    paged_list_sessions=True, signals_need_auth=True, lag_is_error=True)
 

@@ -144,7 +144,9 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="module")
 def protocol_profile(request) -> str:
-    return getattr(request, "param", None) or getattr(request.module, "PROFILE", "v0.4.0")
+    # TEST_PROTOCOL_PROFILE re-runs single-profile modules under another profile (to see what differs).
+    return (getattr(request, "param", None) or os.environ.get("TEST_PROTOCOL_PROFILE")
+            or getattr(request.module, "PROFILE", "v0.4.0"))
 
 
 @pytest.fixture(scope="module")

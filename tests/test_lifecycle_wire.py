@@ -14,6 +14,9 @@ from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
 from conftest import bearer, commitment, envelope, new_session_id, send, start_payload
+
+# Shared by both protocol profiles: every test runs against a v0.4.0 and a current server.
+PROFILES = ("v0.4.0", "current")
 from streamkit import Collector, Duplex
 
 MODE = "macp.mode.decision.v1"

@@ -12,6 +12,9 @@ from macp_sdk.errors import MacpAckError, MacpSessionError
 
 from conftest import bearer
 
+# Shared by both protocol profiles: every test runs against a v0.4.0 and a current server.
+PROFILES = ("v0.4.0", "current")
+
 OPEN = envelope_pb2.SESSION_STATE_OPEN
 RESOLVED = envelope_pb2.SESSION_STATE_RESOLVED
 CANCELLED = envelope_pb2.SESSION_STATE_CANCELLED

@@ -17,6 +17,9 @@ from macp_sdk.policy import (CounterProposalRules, ProposalAcceptanceRules, Quor
 
 from conftest import bearer
 
+# Shared by both protocol profiles: every test runs against a v0.4.0 and a current server.
+PROFILES = ("v0.4.0", "current")
+
 OPEN = envelope_pb2.SESSION_STATE_OPEN
 RESOLVED = envelope_pb2.SESSION_STATE_RESOLVED
 
@@ -107,7 +110,7 @@ def test_task_planner_and_worker_with_progress(client, state_of):
     assert p.is_completed("t1") and p.progress_of("t1") == 1.0   # the SDK counts a completed task as 100%
 
 
-def test_task_with_an_sdk_built_require_output_policy(client, state_of):
+def test_task_with_an_sdk_built_require_output_policy(client, state_of, protocol_profile):
     policy = registered(client, build_task_policy(
         "policy.sdk.task", "output required", completion=TaskCompletionRules(require_output=True)))
     planner, worker = agent("planner"), agent("worker")
@@ -120,9 +123,14 @@ def test_task_with_an_sdk_built_require_output_policy(client, state_of):
     assert err.value.failure.code == "POLICY_DENIED"
     assert err.value.reasons == ["policy requires task output before commitment"]
     assert state_of(s.session_id, "planner") == OPEN
-    # the negative outcome is denied as well under require_output (no Complete with output exists)
-    with pytest.raises(MacpAckError):
-        s.commit(action="task.failed", authority_scope="report", reason="nothing delivered", outcome_positive=False)
+    if protocol_profile == "v0.4.0":
+        # the negative outcome is denied as well under require_output (no Complete with output exists)
+        with pytest.raises(MacpAckError):
+            s.commit(action="task.failed", authority_scope="report", reason="nothing delivered",
+                     outcome_positive=False)
+    else:   # current.md §13.5.3: require_output gates positive Commitments only
+        assert s.commit(action="task.failed", authority_scope="report", reason="nothing delivered",
+                        outcome_positive=False).ok
 
 
 # --- Handoff -------------------------------------------------------------------------------------

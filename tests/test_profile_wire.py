@@ -1,0 +1,196 @@
+"""The two protocol profiles over the wire: what differs at the runtime level (../shared/spec/current.md),
+the setting itself, and that a session keeps the revision it was accepted under across a restart into
+the other profile (§1.2: replay applies the recorded revision, never the process profile).
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+
+import grpc
+import pytest
+from macp.v1 import core_pb2, envelope_pb2
+from macp.modes.decision.v1 import decision_pb2
+from macp.modes.handoff.v1 import handoff_pb2
+
+from conftest import bearer, commitment, envelope, new_session_id, send, start_payload
+
+OPEN = envelope_pb2.SESSION_STATE_OPEN
+RESOLVED = envelope_pb2.SESSION_STATE_RESOLVED
+DECISION = "macp.mode.decision.v1"
+HANDOFF = "macp.mode.handoff.v1"
+CURRENT = {"MACP_PROTOCOL_PROFILE": "current"}
+V040 = {"MACP_PROTOCOL_PROFILE": "v0.4.0"}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    from conftest import ServerProcess
+
+    pair = {name: ServerProcess(str(tmp_path_factory.mktemp(name) / "data"), {"MACP_PROTOCOL_PROFILE": name}).start()
+            for name in ("current", "v0.4.0")}
+    yield pair
+    for srv in pair.values():
+        srv.kill()
+
+
+def stub_of(servers, name):
+    return servers[name].stub()
+
+
+def start(stub, mode=DECISION, participants=("alice", "bob"), sid=None, sender="coord", **fields):
+    sid = sid or new_session_id()
+    return sid, send(stub, envelope(mode, "SessionStart", sid, sender, start_payload(participants, **fields)))
+
+
+def trailer(err: grpc.RpcError, key: str):
+    return dict(err.trailing_metadata() or ()).get(key)
+
+
+# --- the setting ---------------------------------------------------------------------------------
+
+def test_unknown_profile_aborts_startup(server_factory):
+    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "v9"}, start=False)
+    srv.start(wait=False)
+    assert srv.proc.wait(20) == 1
+    assert "MACP_PROTOCOL_PROFILE must be one of current, v0.4.0" in srv.log()
+
+
+def test_the_flag_selects_the_profile(server_factory):
+    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "current"}, args=["--protocol-profile", "v0.4.0"])
+    init = srv.stub().Initialize(core_pb2.InitializeRequest(supported_protocol_versions=["1.0"]))
+    assert init.runtime_info.version == "0.4.0"
+
+
+# --- Initialize, trailers, details ----------------------------------------------------------------
+
+def test_initialize_per_profile(servers):
+    req = core_pb2.InitializeRequest(supported_protocol_versions=["1.0"])
+    old = stub_of(servers, "v0.4.0").Initialize(req)
+    new = stub_of(servers, "current").Initialize(req)
+    assert (old.runtime_info.version, new.runtime_info.version) == ("0.4.0", "0.9.0")
+    assert old.capabilities.roots.list_changed and not new.capabilities.roots.list_changed
+    assert not new.capabilities.HasField("decision_receipt")
+    assert not new.capabilities.policy_registry.what_if_replay
+    assert old.capabilities.experimental == new.capabilities.experimental
+
+
+@pytest.mark.parametrize("profile,expected", [("current", "SESSION_NOT_FOUND"), ("v0.4.0", None)])
+def test_macp_error_code_trailer(servers, profile, expected):
+    stub = stub_of(servers, profile)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetSession(core_pb2.GetSessionRequest(session_id=str(uuid.uuid4())), metadata=bearer("alice"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert trailer(info.value, "macp-error-code") == expected
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Initialize(core_pb2.InitializeRequest(supported_protocol_versions=[]))
+    assert trailer(info.value, "macp-error-code") == ("INVALID_REQUEST" if expected else None)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetManifest(core_pb2.GetManifestRequest(agent_id="nobody"))
+    assert trailer(info.value, "macp-error-code") == ("AGENT_NOT_FOUND" if expected else None)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Send(core_pb2.SendRequest(), metadata=bearer("alice"))
+    assert trailer(info.value, "macp-error-code") == ("INVALID_REQUEST" if expected else None)
+
+
+def test_policy_denied_details_per_profile(servers):
+    for profile in ("current", "v0.4.0"):
+        stub = stub_of(servers, profile)
+        pid = f"maj.{profile}.{uuid.uuid4().hex[:6]}"
+        from macp.v1 import policy_pb2
+        assert stub.RegisterPolicy(policy_pb2.RegisterPolicyRequest(policy_descriptor=policy_pb2.PolicyDescriptor(
+            policy_id=pid, mode=DECISION, rules=json.dumps({"voting": {"algorithm": "majority"}}),
+            schema_version=1)), metadata=bearer("admin")).ok
+        sid, ack = start(stub, participants=("alice", "bob"), policy_version=pid)
+        assert ack.ok
+        assert send(stub, envelope(DECISION, "Proposal", sid, "alice", decision_pb2.ProposalPayload(
+            proposal_id="p1", option="x"))).ok
+        assert send(stub, envelope(DECISION, "Vote", sid, "bob", decision_pb2.VotePayload(
+            proposal_id="p1", vote="REJECT"))).ok
+        ack = send(stub, envelope(DECISION, "Commitment", sid, "coord", commitment(policy_version=pid)))
+        assert ack.error.code == "POLICY_DENIED"
+        details = json.loads(ack.error.details)
+        assert details["reasons"] == ["majority vote failed: 0.0% approve, need >= 50.0%"]
+        if profile == "current":
+            assert details["denials"] == [{"code": "threshold_not_met", "message": details["reasons"][0]}]
+        else:
+            assert set(details) == {"reasons"}
+
+
+# --- session ids, SessionStart ---------------------------------------------------------------------
+
+def test_session_ids_per_profile(servers):
+    not_a_uuid_36 = secrets.token_hex(17) + "-g"          # 36 chars with a hyphen, not UUID-shaped
+    upper_uuid = str(uuid.uuid4()).upper()
+    long_b64 = "a" * 129
+    cases = [(not_a_uuid_36, True, False), (upper_uuid, False, False), (long_b64, False, True),
+             ("b" * 128, True, True)]
+    for sid, current_ok, v040_ok in cases:
+        assert start(stub_of(servers, "current"), sid=sid)[1].ok is current_ok, sid
+        assert start(stub_of(servers, "v0.4.0"), sid=sid)[1].ok is v040_ok, sid
+
+
+def test_decision_with_no_participants_is_accepted_and_inert(servers):
+    stub = stub_of(servers, "current")
+    sid, ack = start(stub, participants=())
+    assert ack.ok
+    assert send(stub, envelope(DECISION, "Proposal", sid, "coord", decision_pb2.ProposalPayload(
+        proposal_id="p1", option="x"))).error.code == "FORBIDDEN"
+    assert start(stub, mode="macp.mode.task.v1", participants=())[1].error.code == "INVALID_ENVELOPE"
+    assert start(stub_of(servers, "v0.4.0"), participants=())[1].error.code == "INVALID_ENVELOPE"
+
+
+def test_negative_max_suspend_ms_is_refused_under_current_only(servers):
+    assert start(stub_of(servers, "current"), max_suspend_ms=-1)[1].error.code == "INVALID_ENVELOPE"
+    assert start(stub_of(servers, "v0.4.0"), max_suspend_ms=-1)[1].ok
+
+
+def test_implicit_accept_ids_are_reserved_in_handoff_sessions(servers):
+    stub = stub_of(servers, "current")
+    sid, ack = start(stub, mode=HANDOFF, participants=("coord", "alice"))
+    assert ack.ok
+    offer = envelope(HANDOFF, "HandoffOffer", sid, "coord", handoff_pb2.HandoffOfferPayload(
+        handoff_id="h1", target_participant="alice"), message_id="implicit-accept:h1")
+    assert send(stub, offer).error.code == "INVALID_ENVELOPE"
+    offer.message_id = "Implicit-Accept:h1"                          # case-sensitive: an ordinary id
+    assert send(stub, offer).ok
+    accept = envelope(HANDOFF, "HandoffAccept", sid, "alice", handoff_pb2.HandoffAcceptPayload(
+        handoff_id="h1", accepted_by="alice", implicit=True))
+    assert send(stub, accept).error.code == "INVALID_ENVELOPE"       # only the runtime accepts implicitly
+
+
+# --- replay by recorded revision ------------------------------------------------------------------
+
+def test_sessions_keep_their_revision_across_a_restart_into_the_other_profile(server_factory):
+    srv = server_factory(env=CURRENT)
+    stub = srv.stub()
+    sid_new, ack = start(stub, participants=("alice",), policy_version="", max_suspend_ms=120_000)
+    assert ack.ok
+    assert send(stub, envelope(DECISION, "Proposal", sid_new, "alice", decision_pb2.ProposalPayload(
+        proposal_id="p1", option="x"))).ok
+    srv.stop()
+    srv.extra_env = V040
+    srv.start()
+    stub = srv.stub()
+    assert stub.Initialize(core_pb2.InitializeRequest(supported_protocol_versions=["1.0"])).runtime_info.version \
+        == "0.4.0"
+    # started under current: its rules stay the current line's (lower-case vote refused, empty echo accepted)
+    assert send(stub, envelope(DECISION, "Vote", sid_new, "alice", decision_pb2.VotePayload(
+        proposal_id="p1", vote="approve"))).error.code == "INVALID_ENVELOPE"
+    sid_old, ack = start(stub, participants=("alice",), policy_version="")
+    assert ack.ok
+    assert send(stub, envelope(DECISION, "Proposal", sid_old, "alice", decision_pb2.ProposalPayload(
+        proposal_id="p1", option="x"))).ok
+    done = send(stub, envelope(DECISION, "Commitment", sid_new, "coord", commitment(policy_version="")))
+    assert done.ok and done.session_state == RESOLVED
+    # a v0.4.0 session keeps v0.4.0 rules after a restart into current
+    srv.stop()
+    srv.extra_env = CURRENT
+    srv.start()
+    stub = srv.stub()
+    assert send(stub, envelope(DECISION, "Vote", sid_old, "alice", decision_pb2.VotePayload(
+        proposal_id="p1", vote="approve"))).ok                      # case-free under v0.4.0
+    refused = send(stub, envelope(DECISION, "Commitment", sid_old, "coord", commitment(policy_version="")))
+    assert refused.error.code == "INVALID_ENVELOPE"                  # v0.4.0: the echo must name policy.default
+    assert send(stub, envelope(DECISION, "Commitment", sid_old, "coord", commitment())).ok
