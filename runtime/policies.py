@@ -224,10 +224,18 @@ class PolicyRegistry:
     """Policies by id. `documents` (from `storage.open_documents`) makes registrations durable;
     without it (in-process tests) the registry lives in memory only."""
 
-    def __init__(self, documents=None):
+    def __init__(self, documents=None, profile=None):
         self._lock = threading.Lock()
         self._documents = documents
-        self._policies: dict[str, BoundPolicy] = {DEFAULT_POLICY_ID: default_policy()}
+        # The current line (runtime/profile.py) admits with runtime/policy_admission.py and lists the
+        # three RFC-MACP-0012 §5.2 governance profiles beside policy.default; v0.4.0 as documented above.
+        self._current = profile is not None and profile.semantics_rev >= 4
+        self._builtin: dict[str, BoundPolicy] = {DEFAULT_POLICY_ID: default_policy()}
+        if self._current:
+            from .policy_admission import std_profiles
+
+            self._builtin.update((p.policy_id, p) for p in std_profiles())
+        self._policies: dict[str, BoundPolicy] = dict(self._builtin)
         self._texts: dict[str, tuple[BoundPolicy, str]] = {}   # canonical rules text, per policy object
         self.changes = Broadcaster(WATCH_CAPACITY)
         if documents is not None:
@@ -244,7 +252,7 @@ class PolicyRegistry:
                 raise ValueError(f"unknown format {doc.get('format')!r}")
             for entry in doc["policies"]:
                 policy_id = entry["policy_id"]
-                if policy_id == DEFAULT_POLICY_ID:
+                if policy_id in self._builtin:
                     continue
                 rules = parse_json(entry["rules"])
                 if not isinstance(rules, dict):
@@ -263,7 +271,7 @@ class PolicyRegistry:
         stack = contextlib.ExitStack()
         stack.enter_context(locked(DOCUMENT))
         try:
-            self._policies = {DEFAULT_POLICY_ID: self._policies[DEFAULT_POLICY_ID]}
+            self._policies = dict(self._builtin)
             self._load()
         except BaseException:
             stack.close()
@@ -275,7 +283,7 @@ class PolicyRegistry:
         with self._lock:
             previous = self._policies
             before = self.list()
-            self._policies = {DEFAULT_POLICY_ID: previous[DEFAULT_POLICY_ID]}
+            self._policies = dict(self._builtin)
             try:
                 self._load()
             except Exception:
@@ -291,7 +299,7 @@ class PolicyRegistry:
             return
         entries = [{"policy_id": p.policy_id, "mode": p.mode, "description": p.description,
                     "rules": self._rules_text(p), "schema_version": p.schema_version}
-                   for pid, p in sorted(policies.items()) if pid != DEFAULT_POLICY_ID]
+                   for pid, p in sorted(policies.items()) if pid not in self._builtin]
         self._documents.save(DOCUMENT, {"format": DOCUMENT_FORMAT, "policies": entries})
 
     @property
@@ -336,8 +344,13 @@ class PolicyRegistry:
                  schema_version: int) -> str | None:
         """Register a policy. Returns the §10.3 error text, or None when it was registered (and is
         durable). Raises StorageError when it could not be saved (then nothing changed)."""
-        rules = parse_rules_text(rules_text)
-        error = validation_error(policy_id, mode, rules, schema_version)
+        if self._current:
+            from .policy_admission import admission_error
+
+            error, rules = admission_error(policy_id, mode, rules_text, schema_version, parse_json)
+        else:
+            rules = parse_rules_text(rules_text)
+            error = validation_error(policy_id, mode, rules, schema_version)
         if error is not None:
             return error
         policy = BoundPolicy(policy_id, mode, description, rules, schema_version)
@@ -355,6 +368,8 @@ class PolicyRegistry:
         """Remove a policy. Returns the §10.4 error text, or None. Sessions keep their bound copy."""
         if policy_id == DEFAULT_POLICY_ID:
             return "cannot unregister the built-in default policy"
+        if policy_id in self._builtin:
+            return f"cannot unregister the built-in reserved policy '{policy_id}' (RFC-MACP-0012 §2.2)"
         with self._lock, self._shared_change():
             if policy_id not in self._policies:
                 return f"policy '{policy_id}' not found"

@@ -87,7 +87,7 @@ class Runtime:
             return shared_documents or open_documents(cfg.memory_only, cfg.data_dir)
 
         try:  # policies first: replay must not depend on them, but new sessions bind against them
-            policies = PolicyRegistry(documents())
+            policies = PolicyRegistry(documents(), prof)
         except StorageError as exc:
             raise StartupError(f"cannot load the policy registry: {exc}") from None
         try:  # registered and promoted modes before replay: their sessions replay through them

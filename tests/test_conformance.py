@@ -256,13 +256,13 @@ def _env(fx, message_type, sid, sender, payload, ts=NOW_MS):
 def _engine_for(fx: dict, profile: str = "v0.4.0") -> Engine:
     store = MemoryStore()
     store.open()
-    policies = PolicyRegistry()
+    prof = profiles.get(profile)
+    policies = PolicyRegistry(profile=prof)
     if "policy" in fx:
         p = fx["policy"]
         error = policies.register(p["policy_id"], p.get("mode", "*"), p.get("description", ""),
                                   policy_rules_text(p), p.get("schema_version", 1))
         assert error is None, error
-    prof = profiles.get(profile)
     return Engine(ModeRegistry.from_spec_dirs(profile=prof), policies, store, clock=lambda: NOW_MS, profile=prof)
 
 
