@@ -117,6 +117,9 @@ class Engine:
         self._checkpointer = Checkpointer(self._write_terminal_checkpoints)
         self._policy_cache: dict[str, BoundPolicy] = {}    # binding JSON -> policy, during recovery
         self._restored_from_checkpoint = False             # what the last _replay_session did
+        # Read-only observers (the browser console): told of every accepted envelope and lifecycle
+        # event, after the commit point and under the session's lock. They must never block.
+        self.observers: tuple = ()
 
     # --- SessionStart (§5.2) ---------------------------------------------------------------------
 
@@ -509,6 +512,9 @@ class Engine:
 
     def _publish(self, session: Session, env) -> None:
         """Called under the session lock right after the envelope's record became durable."""
+        if self.observers:
+            for observer in self.observers:
+                observer.accepted(session, session.log_length - 1, env)
         subscribers = self._channels.get(session.session_id)
         if not subscribers:
             return
@@ -520,8 +526,27 @@ class Engine:
 
     def _emit(self, event: int, session: Session, now: int) -> None:
         self.metrics.session_event(event)
+        if self.observers:
+            for observer in self.observers:
+                observer.lifecycle(event, session, now)
         if len(self.lifecycle):
             self.lifecycle.publish((event, session, now))
+
+    def add_observer(self, observer) -> None:
+        """`observer.accepted(session, index, env)` and `observer.lifecycle(event, session, now)` from
+        now on (see `observers`)."""
+        with self._channel_lock:
+            if observer not in self.observers:
+                self.observers = self.observers + (observer,)
+
+    def remove_observer(self, observer) -> None:
+        with self._channel_lock:
+            self.observers = tuple(o for o in self.observers if o is not observer)
+
+    def find(self, session_id: str) -> Session | None:
+        """The session in memory as it is, for read-only views: no expiry is recorded, nothing loaded."""
+        session = self._sessions.get(session_id)
+        return None if session is None or session.gone else session
 
     def register_stream(self, stream) -> None:
         with self._streams_lock:
