@@ -74,6 +74,9 @@ def _serve_parser(sub) -> None:
                    help="gRPC server reflection for grpcurl (MACP_REFLECTION=1/0; default: on in dev-mode auth only)")
     p.add_argument("--metrics-addr", dest="metrics_addr", metavar="IP:PORT",
                    help="serve Prometheus metrics over HTTP on this address (MACP_METRICS_ADDR; default off)")
+    p.add_argument("--console-addr", dest="console_addr", metavar="IP:PORT",
+                   help="serve the read-only browser console on this address, e.g. 127.0.0.1:50080 "
+                        "(MACP_CONSOLE_ADDR; default off)")
     p.add_argument("--log-json", dest="log_json", action="store_const", const=True,
                    help="one JSON object per log line (MACP_LOG_FORMAT=json)")
     p.add_argument("--protocol-profile", dest="protocol_profile", choices=["current", "v0.4.0"],

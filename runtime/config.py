@@ -40,6 +40,7 @@ class Config:
     reflection: bool | None = None        # None: on in dev-mode auth, off otherwise
     metrics_addr: str | None = None       # host:port of the Prometheus endpoint; None = off
     protocol_profile: str = "current"     # `current` or `v0.4.0` (runtime/profile.py)
+    console_addr: str | None = None       # host:port of the browser console (runtime/console); None = off
     warnings: list[str] = dataclasses.field(default_factory=list)   # logged at start-up
 
     def describe(self) -> dict:
@@ -84,6 +85,7 @@ ENV_VARS = [
     ("MACP_REFLECTION", "reflection", "bool01"),
     ("MACP_METRICS_ADDR", "metrics_addr", "str"),
     ("MACP_PROTOCOL_PROFILE", "protocol_profile", "str"),
+    ("MACP_CONSOLE_ADDR", "console_addr", "str"),
 ]
 
 
@@ -164,6 +166,9 @@ def _validate(cfg: Config) -> list[str]:
     if cfg.metrics_addr and parse_bind_addr(cfg.metrics_addr) is None:
         problems.append(f"MACP_METRICS_ADDR must be an IP address and port such as 127.0.0.1:9464, "
                         f"got {cfg.metrics_addr!r}")
+    if cfg.console_addr and parse_bind_addr(cfg.console_addr) is None:
+        problems.append(f"MACP_CONSOLE_ADDR must be an IP address and port such as 127.0.0.1:50080, "
+                        f"got {cfg.console_addr!r}")
     if cfg.storage_backend not in ("file", "postgres"):
         problems.append(f"unknown storage backend: {cfg.storage_backend}. Valid: file, postgres")
     elif cfg.storage_backend == "postgres":

@@ -50,7 +50,12 @@ class Runtime:
         self.grpc = None
         self.cluster = None
         self.port = None
+        self.authenticator = None
         self.services = list(services)
+        if cfg.console_addr:   # the browser console (runtime/console), on the same event loop
+            from .console import ConsoleService
+
+            self.services.append(ConsoleService(cfg.console_addr))
         self._started: list = []
         self._stopped: asyncio.Event | None = None
         self._stopping: asyncio.Task | None = None
@@ -141,6 +146,7 @@ class Runtime:
             log.warning("TLS is not configured; serving plaintext because MACP_ALLOW_INSECURE=1")
 
         reflect = cfg.reflection if cfg.reflection is not None else not authenticator.resolvers
+        self.authenticator = authenticator   # additional services authenticate with the same resolvers
         self.engine = engine
         self.modes = modes
         self.grpc = GrpcServer(engine, authenticator, bind_addr=cfg.bind_addr, credentials=credentials,

@@ -1,15 +1,14 @@
 """The browser console (MACP_CONSOLE_ADDR): live sessions, phase diagrams, histories, modes and
 policies, served by the daemon itself over HTTP. Read-only: it changes nothing.
 
-`ConsoleServer` runs on an asyncio loop (`await start()` / `await stop()`); `start_console` gives it
-a loop thread of its own for a transport that has no loop to share.
+`ConsoleServer` runs on the running asyncio loop (`await start()` / `await stop()`); `ConsoleService`
+plugs it into the daemon, on the event loop of the gRPC transport.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import logging
-import threading
 
 log = logging.getLogger("macp_runtime.console")
 
@@ -67,40 +66,28 @@ class ConsoleServer:
             self._pool.shutdown(wait=False)
 
 
-class ConsoleThread:
-    """A ConsoleServer on a dedicated event-loop thread (for the synchronous gRPC transport)."""
+class ConsoleService:
+    """The console as an additional service of the daemon (`Runtime.add_service`): it starts on the
+    daemon's event loop, the one the gRPC transport runs on, once the gRPC server serves, and stops
+    first when the daemon stops."""
 
-    def __init__(self, server: ConsoleServer):
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="console", daemon=True)
+    def __init__(self, addr: str):
+        self.addr = addr
+        self.server: ConsoleServer | None = None
 
-    @property
-    def url(self) -> str:
-        return self.server.url
+    async def start(self, runtime) -> None:
+        from ..server import StartupError
 
-    def start(self) -> "ConsoleThread":
-        self._thread.start()
+        self.server = ConsoleServer(runtime.engine, runtime.authenticator, self.addr)
         try:
-            asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
-        except BaseException:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-            raise
-        return self
+            url = await self.server.start()
+        except OSError as exc:
+            self.server = None
+            raise StartupError(f"cannot serve the console on {self.addr}: {exc}") from None
+        log.info("console: %s (read-only; sign in with a bearer token%s)", url,
+                 ", in dev mode any name" if not runtime.authenticator.resolvers else "")
 
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
-        except Exception as exc:
-            log.warning("console: stop: %s", exc)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-
-
-def start_console(engine, authenticator, addr: str) -> ConsoleThread:
-    """Serve the console on `addr` from a loop thread of its own; returns the running handle (`url`,
-    `stop()`). Raises OSError when the address cannot be bound."""
-    return ConsoleThread(ConsoleServer(engine, authenticator, addr)).start()
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()   # its event streams end at once
+            self.server = None
