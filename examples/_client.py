@@ -37,10 +37,12 @@ def _b(value: bool) -> str:
 class Client:
     """One session of `mode`, driven by several agents over one channel."""
 
-    def __init__(self, channel: grpc.Channel, mode: str, timeout: float):
+    def __init__(self, channel: grpc.Channel, mode: str, timeout: float, pace: float = 0.0):
         self.stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
         self.mode = mode
         self.timeout = timeout
+        self.pace = pace          # seconds to wait before each envelope, to watch it in the console
+        self._sent = 0
         self.session_id = str(uuid.uuid4())
 
     @staticmethod
@@ -50,6 +52,9 @@ class Client:
     def send(self, label: str, sender: str, message_type: str, payload, expect_state: int = OPEN):
         """Send one envelope as `sender`; anything but ok, not duplicate, `expect_state` fails the run."""
         raw = payload if isinstance(payload, bytes) else payload.SerializeToString()
+        if self.pace and self._sent:
+            time.sleep(self.pace)
+        self._sent += 1
         env = envelope_pb2.Envelope(
             macp_version="1.0", mode=self.mode, message_type=message_type, message_id=str(uuid.uuid4()),
             session_id=self.session_id, sender=sender, timestamp_unix_ms=int(time.time() * 1000), payload=raw)
@@ -91,6 +96,9 @@ def main(doc: str, mode: str, scenario, argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="127.0.0.1:50051",
                         help="host:port of the MACP runtime (plaintext gRPC); default %(default)s")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-call deadline in seconds (default 10)")
+    parser.add_argument("--pace", type=float, default=0.0, metavar="SECS",
+                        help="wait this long before each envelope after the first, to follow the session in the "
+                             "browser console (default 0)")
     args = parser.parse_args(argv)
 
     with grpc.insecure_channel(args.target) as channel:
@@ -99,7 +107,7 @@ def main(doc: str, mode: str, scenario, argv: list[str] | None = None) -> int:
         except grpc.FutureTimeoutError:
             print(f"cannot reach {args.target}", file=sys.stderr)
             return 2
-        client = Client(channel, mode, args.timeout)
+        client = Client(channel, mode, args.timeout, args.pace)
         try:
             scenario(client)
         except StepFailed as exc:
