@@ -41,6 +41,8 @@ class Config:
     metrics_addr: str | None = None       # host:port of the Prometheus endpoint; None = off
     protocol_profile: str = "current"     # `current` or `v0.4.0` (runtime/profile.py)
     console_addr: str | None = None       # host:port of the browser console (runtime/console); None = off
+    list_sessions_default_page_size: int = 100   # current profile: ListSessions page_size 0
+    list_sessions_max_page_size: int = 1000      # current profile: larger page_size is clamped to this
     warnings: list[str] = dataclasses.field(default_factory=list)   # logged at start-up
 
     def describe(self) -> dict:
@@ -86,6 +88,8 @@ ENV_VARS = [
     ("MACP_METRICS_ADDR", "metrics_addr", "str"),
     ("MACP_PROTOCOL_PROFILE", "protocol_profile", "str"),
     ("MACP_CONSOLE_ADDR", "console_addr", "str"),
+    ("MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE", "list_sessions_default_page_size", "posint"),
+    ("MACP_LIST_SESSIONS_MAX_PAGE_SIZE", "list_sessions_max_page_size", "posint"),
 ]
 
 
@@ -199,6 +203,8 @@ def _validate(cfg: Config) -> list[str]:
     if cfg.protocol_profile not in PROFILES:
         problems.append(f"MACP_PROTOCOL_PROFILE must be one of {', '.join(sorted(PROFILES))}, "
                         f"got {cfg.protocol_profile!r}")
+    if cfg.list_sessions_default_page_size > cfg.list_sessions_max_page_size:
+        problems.append("MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE must not exceed MACP_LIST_SESSIONS_MAX_PAGE_SIZE")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log level must be debug, info, warning or error, got {cfg.log_level!r}")
     return problems

@@ -64,23 +64,28 @@ def _capabilities(*, roots_list_changed: bool, current: bool, register_policy: b
     return caps
 
 
+def _doc(text: str):
+    """A Profile field documented for the README's differences table (`differences_table`)."""
+    return dataclasses.field(default=None, metadata={"doc": text})
+
+
 @dataclasses.dataclass
 class Profile:
     """The runtime-level behaviour of one protocol profile. Handlers ask it; they never test names."""
 
     name: str
-    semantics_rev: int                  # recorded on every session started under this profile
-    runtime_version: str                # Initialize runtime_info.version
-    spec_overlay: str | None            # directory under specs/ whose specs replace the base ones
-    error_trailer: bool                 # macp-error-code (+ details-bin) trailing metadata (§3.2)
-    structured_denials: bool            # POLICY_DENIED details carry `denials` (§3.4)
-    empty_roster_modes: frozenset       # strict modes whose SessionStart may declare no participants (§5.1)
-    honour_max_suspend_ms: bool         # SessionStartPayload.max_suspend_ms binds the cap (§5.3)
-    roots_list_changed: bool            # Initialize capabilities.roots.list_changed (§2.3)
-    new_error_codes: bool               # AGENT_NOT_FOUND, INVALID_REQUEST, REGISTRY_READ_ONLY, ... (§3.1)
-    paged_list_sessions: bool           # ListSessions page_size/page_token (§10)
-    signals_need_auth: bool             # WatchSignals authenticated, sender_authenticated=true (§9.1)
-    lag_is_error: bool                  # a lagging watcher ends RESOURCE_EXHAUSTED + STREAM_LAGGED (§9.2)
+    semantics_rev: int = _doc("`semantics_rev` recorded on a new session's SessionStart and checkpoints")
+    runtime_version: str = _doc("`Initialize` `runtime_info.version`")
+    spec_overlay: str | None = _doc("mode specs replacing `specs/*.yaml` (table below)")
+    error_trailer: bool = _doc("`macp-error-code` trailer on every status caused by a MACP error")
+    structured_denials: bool = _doc("`POLICY_DENIED` details carry `denials` (code, message, participants)")
+    empty_roster_modes: frozenset = _doc("strict modes whose SessionStart may list no participants")
+    honour_max_suspend_ms: bool = _doc("`max_suspend_ms` binds the suspension cap (0 = 7 days, < 0 refused)")
+    roots_list_changed: bool = _doc("`Initialize` `capabilities.roots.list_changed`")
+    paged_list_sessions: bool = _doc("ListSessions pages by session id with `v1:` tokens (default 100, max 1000)")
+    signals_need_auth: bool = _doc("WatchSignals needs a caller; frames carry `sender_authenticated = true`")
+    lag_is_error: bool = _doc("a lagging watch ends RESOURCE_EXHAUSTED + STREAM_LAGGED (v0.4.0: ends OK)")
+    session_id_rule: str = _doc("SessionStart session ids")
     features: dict = dataclasses.field(default_factory=dict)   # served optional RPCs (receipts, what-if)
     list_sessions_default_page_size: int = 100
     list_sessions_max_page_size: int = 1000
@@ -116,10 +121,6 @@ class Profile:
             out += ((ERROR_DETAILS_TRAILER, details),)
         return out
 
-    def code(self, current_code: str, v040_code: str | None = None) -> str | None:
-        """The registry code of a failure whose code is new in the current line (None: no code)."""
-        return current_code if self.new_error_codes else v040_code
-
     def denial_details(self, reasons: list) -> bytes:
         """Ack.error.details of POLICY_DENIED (§3.4): `{"reasons":[…]}`, plus `denials` under current."""
         doc: dict = {"reasons": [str(r) for r in reasons]}
@@ -150,7 +151,8 @@ class Profile:
 def v040() -> Profile:
     return Profile(name="v0.4.0", semantics_rev=0, runtime_version="0.4.0", spec_overlay=None,
                    error_trailer=False, structured_denials=False, empty_roster_modes=frozenset(),
-                   honour_max_suspend_ms=False, roots_list_changed=True, new_error_codes=False,
+                   session_id_rule="a 36-byte id with `-` must be a lowercase UUID v4/v7; else base64url, 22+ chars",
+                   honour_max_suspend_ms=False, roots_list_changed=True,
                    paged_list_sessions=False, signals_need_auth=False, lag_is_error=False)
 
 
@@ -158,7 +160,8 @@ def current() -> Profile:
     return Profile(name="current", semantics_rev=4, runtime_version="0.9.0", spec_overlay="current",
                    error_trailer=True, structured_denials=True,
                    empty_roster_modes=frozenset({"macp.mode.decision.v1"}),   # RFC-MACP-0007 1.3.0 §2
-                   honour_max_suspend_ms=True, roots_list_changed=False, new_error_codes=True,
+                   session_id_rule="only UUID-shaped ids must be lowercase v4/v7; else base64url, 22-128 chars",
+                   honour_max_suspend_ms=True, roots_list_changed=False,
                    paged_list_sessions=True, signals_need_auth=True, lag_is_error=True)
 
 
@@ -174,3 +177,69 @@ def get(name: str) -> Profile:
 def for_rev(semantics_rev: int) -> Profile:
     """The profile whose rules a session of this recorded revision runs under."""
     return current() if semantics_rev >= 4 else v040()
+
+
+# --- what differs, as a table (README "Protocol profiles"; tests/test_profile_docs.py keeps it true) ----
+
+def _guard_text(g: dict) -> str:
+    return f"`{g.get('check')}` ({g.get('reject')}): {g.get('why', '')}".rstrip(": ")
+
+
+def _mode_rows(base: dict, overlay: dict) -> list[tuple[str, str, str]]:
+    """(where, v0.4.0, current) for every rule the overlay spec changes."""
+    rows = []
+
+    def diff(where: str, old: list, new: list, text=lambda x: f"`{x}`") -> None:
+        gone = [text(x) for x in old if x not in new]
+        added = [text(x) for x in new if x not in old]
+        if gone or added:
+            rows.append((where, "<br>".join(gone) or "—", "<br>".join(added) or "—"))
+
+    diff("SessionStart requires", list(base.get("session_start", {}).get("requires", []) or []),
+         list(overlay.get("session_start", {}).get("requires", []) or []))
+    for msg, ref in (overlay.get("payloads") or {}).items():
+        old = (base.get("payloads") or {}).get(msg)
+        if old != ref:
+            diff(f"{msg} payload", [old], [ref], lambda x: f"`{x.get('decode') if isinstance(x, dict) else x}`")
+    old_t = {t["message"]: t for t in base.get("transitions", [])}
+    for t in overlay.get("transitions", []) + [dict(overlay["commitment"], message="Commitment")]:
+        b = old_t.get(t["message"]) or (dict(base["commitment"], message="Commitment")
+                                         if t["message"] == "Commitment" else {})
+        diff(f"{t['message']} guards", b.get("guards", []), t.get("guards", []), _guard_text)
+        diff(f"{t['message']} effects", b.get("effects", []) or [], t.get("effects", []) or [])
+        for key in ("ready", "policy"):
+            if b.get(key) != t.get(key):
+                diff(f"{t['message']} {'readiness' if key == 'ready' else 'policy evaluator'}",
+                     [b.get(key)] if b.get(key) else [], [t.get(key)] if t.get(key) else [])
+    return rows
+
+
+def differences_table() -> str:
+    """Markdown: the runtime-level differences (from the two Profile objects) and the mode-level ones
+    (from specs/*.yaml against specs/current/*.yaml)."""
+    import glob
+
+    import yaml
+
+    old, new = v040(), current()
+    lines = ["| Runtime behaviour | `v0.4.0` | `current` |", "|---|---|---|"]
+    for f in dataclasses.fields(Profile):
+        doc = f.metadata.get("doc")
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if doc and a != b:
+            def show(v) -> str:
+                if isinstance(v, frozenset):
+                    return ", ".join(f"`{x}`" for x in sorted(v)) or "—"
+                if isinstance(v, bool):
+                    return "yes" if v else "no"
+                return "—" if v is None else str(v)
+            lines.append(f"| {doc} | {show(a)} | {show(b)} |")
+    lines += ["", "| Mode | Rule | `v0.4.0` | `current` |", "|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(SPECS_DIR, new.spec_overlay, "*.yaml"))):
+        with open(path, encoding="utf-8") as fh:
+            overlay = yaml.safe_load(fh)
+        with open(os.path.join(SPECS_DIR, os.path.basename(path)), encoding="utf-8") as fh:
+            base = yaml.safe_load(fh)
+        for where, a, b in _mode_rows(base, overlay):
+            lines.append(f"| `{overlay['mode']}` | {where} | {a} | {b} |")
+    return "\n".join(lines) + "\n"

@@ -72,6 +72,8 @@ class Runtime:
             "config": cfg.describe(),
             "env": {k: mask(k, v) for k, v in sorted(os.environ.items()) if k.startswith("MACP_")}}})
         prof = profiles.get(cfg.protocol_profile)
+        prof.list_sessions_default_page_size = cfg.list_sessions_default_page_size
+        prof.list_sessions_max_page_size = cfg.list_sessions_max_page_size
         log.info("protocol profile: %s (semantics_rev %d)", prof.name, prof.semantics_rev)
         modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs, prof)
         postgres = cfg.storage_backend == "postgres" and not cfg.memory_only

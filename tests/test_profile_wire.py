@@ -194,3 +194,85 @@ def test_sessions_keep_their_revision_across_a_restart_into_the_other_profile(se
     refused = send(stub, envelope(DECISION, "Commitment", sid_old, "coord", commitment(policy_version="")))
     assert refused.error.code == "INVALID_ENVELOPE"                  # v0.4.0: the echo must name policy.default
     assert send(stub, envelope(DECISION, "Commitment", sid_old, "coord", commitment())).ok
+
+
+# --- watches: authentication, sender attribution, lag ---------------------------------------------
+
+def test_watch_signals_needs_a_caller_and_attributes_the_sender(servers):
+    stub = stub_of(servers, "current")
+    with pytest.raises(grpc.RpcError) as info:
+        next(iter(stub.WatchSignals(core_pb2.WatchSignalsRequest(), timeout=5)))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert trailer(info.value, "macp-error-code") == "UNAUTHENTICATED"
+    for profile, flag in (("current", True), ("v0.4.0", False)):
+        stub = stub_of(servers, profile)
+        call = stub.WatchSignals(core_pb2.WatchSignalsRequest(), metadata=bearer("watcher"), timeout=10)
+        signal = envelope("", "Signal", "", "alice", core_pb2.SignalPayload(signal_type="ping"))
+        import threading
+        import time as _time
+
+        def later():
+            _time.sleep(0.5)
+            send(stub, signal)
+        threading.Thread(target=later, daemon=True).start()
+        frame = next(iter(call))
+        assert frame.envelope.message_id == signal.message_id
+        assert frame.sender_authenticated is flag
+        call.cancel()
+
+
+@pytest.mark.parametrize("profile", ["current", "v0.4.0"])
+def test_a_lagging_signal_watcher(server_factory, profile):
+    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": profile, "MACP_MEMORY_ONLY": "1"})
+    stub = srv.stub()
+    call = stub.WatchSignals(core_pb2.WatchSignalsRequest(), metadata=bearer("watcher"), timeout=60)
+    first = envelope("", "Signal", "", "alice", core_pb2.SignalPayload(signal_type="ping"))
+    import threading
+    import time as _time
+
+    def first_later():
+        _time.sleep(0.5)
+        send(stub, first)
+    threading.Thread(target=first_later, daemon=True).start()
+    frames = iter(call)
+    assert next(frames).envelope.message_id == first.message_id   # subscribed; now read nothing
+    big = "x" * 60_000
+    for _ in range(400):
+        assert send(stub, envelope("", "Progress", "", "alice", core_pb2.ProgressPayload(message=big))).ok
+    if profile == "v0.4.0":
+        assert sum(1 for _ in frames) < 400                       # cut off, ends OK
+        return
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in frames:
+            pass
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details() == "WatchSignals receiver fell behind by 1 signals"
+    assert trailer(info.value, "macp-error-code") == "STREAM_LAGGED"
+
+
+# --- ListSessions paging (current.md §10) -----------------------------------------------------------
+
+def test_list_sessions_pages_by_session_id(server_factory):
+    import base64
+
+    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_MEMORY_ONLY": "1",
+                              "MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE": "3", "MACP_LIST_SESSIONS_MAX_PAGE_SIZE": "4"})
+    stub = srv.stub()
+    ids = sorted(start(stub)[0] for _ in range(7))
+    md = bearer("alice")
+    first = stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=md)
+    assert [s.session_id for s in first.sessions] == ids[:3]
+    assert base64.urlsafe_b64decode(first.next_page_token + "==").decode() == f"v1:{ids[2]}"
+    second = stub.ListSessions(core_pb2.ListSessionsRequest(page_size=50, page_token=first.next_page_token),
+                               metadata=md)
+    assert [s.session_id for s in second.sessions] == ids[3:7] and second.next_page_token == ""   # clamped to 4
+    for request in (core_pb2.ListSessionsRequest(page_size=-1), core_pb2.ListSessionsRequest(page_token="bm90djE"),
+                    core_pb2.ListSessionsRequest(page_token="a=b"), core_pb2.ListSessionsRequest(page_token="x" * 1025)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListSessions(request, metadata=md)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert trailer(info.value, "macp-error-code") == "INVALID_REQUEST"
+    # the SDK walks every page
+    from macp_sdk import AuthConfig, MacpClient
+    with MacpClient(target=srv.target, allow_insecure=True, auth=AuthConfig.for_dev_agent("alice")) as client:
+        assert sorted(s.session_id for s in client.list_sessions()) == ids

@@ -81,8 +81,9 @@ def inline_error(message: str, session_id: str) -> _StreamResponse:
     return _StreamResponse(error=_MACPError(code=message, message=message, session_id=session_id))
 
 
-def signal_response(env) -> core_pb2.WatchSignalsResponse:
-    item = core_pb2.WatchSignalsResponse()
+def signal_response(env, sender_authenticated: bool = False) -> core_pb2.WatchSignalsResponse:
+    """Only authenticated, sender-checked envelopes are broadcast: the current profile says so."""
+    item = core_pb2.WatchSignalsResponse(sender_authenticated=sender_authenticated)
     item.envelope.CopyFrom(env)
     item.envelope.DiscardUnknownFields()
     return item

@@ -10,6 +10,7 @@ from ..session import now_ms
 from ..storage.base import StorageError
 from .convert import policy_descriptor
 from .loop import Doorbell
+from .status import abort, on_lag
 from .watch import watch
 
 log = logging.getLogger("macp_runtime.policies")
@@ -28,7 +29,8 @@ class PolicyHandler:
         t = self.t
         await t.admission.require_registry_manager(context)
         if not request.HasField("policy_descriptor"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "descriptor required")
+            await abort(context, self.t.engine.profile, grpc.StatusCode.INVALID_ARGUMENT, "descriptor required",
+                        "INVALID_REQUEST")
         d = request.policy_descriptor
         try:
             error = await t.offload(t.engine.policies.register, d.policy_id, d.mode, d.description, d.rules,
@@ -58,7 +60,8 @@ class PolicyHandler:
         await self.t.admission.require_identity(context)
         view = self.t.engine.policies.describe(request.policy_id)
         if view is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"Policy '{request.policy_id}' not found")
+            await abort(context, self.t.engine.profile, grpc.StatusCode.NOT_FOUND,
+                        f"Policy '{request.policy_id}' not found", "UNKNOWN_POLICY_VERSION")
         return policy_pb2.GetPolicyResponse(policy_descriptor=policy_descriptor(view))
 
     async def ListPolicies(self, request, context):
@@ -70,5 +73,6 @@ class PolicyHandler:
         """The full sorted list now, then after every change; ends OK when the subscriber lags."""
         bell = Doorbell(self.t.wakeups)
         initial, sub = self.t.engine.policies.watch(bell.ring)
-        async for frame in watch(bell, sub, _listing, first=[_listing(initial)]):
+        async for frame in watch(bell, sub, _listing, first=[_listing(initial)],
+                                 lagged=on_lag(context, self.t.engine.profile, "WatchPolicies", "changes")):
             yield frame

@@ -10,6 +10,7 @@ from macp.v1 import core_pb2
 from ..session import now_ms
 from ..storage.base import StorageError
 from .loop import Doorbell
+from .status import abort, on_lag
 from .watch import watch
 
 log = logging.getLogger("macp_runtime.registry")
@@ -27,7 +28,8 @@ class RegistryHandler:
     async def RegisterExtMode(self, request, context):
         await self.t.admission.require_registry_manager(context)
         if not request.HasField("mode_descriptor"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "descriptor required")
+            await abort(context, self.t.engine.profile, grpc.StatusCode.INVALID_ARGUMENT, "descriptor required",
+                        "INVALID_REQUEST")
         error = await self._change(context, self.t.engine.modes.register, request.mode_descriptor)
         return core_pb2.RegisterExtModeResponse(ok=error is None, error=error or "")
 
@@ -61,7 +63,8 @@ class RegistryHandler:
             if t.engine.closing.is_set():
                 sub.cancel()
                 return
-            async for frame in watch(bell, sub, _changed, first=[_changed(now_ms())]):
+            async for frame in watch(bell, sub, _changed, first=[_changed(now_ms())],
+                                     lagged=on_lag(context, self.t.engine.profile, "WatchModeRegistry", "changes")):
                 yield frame
         finally:
             t.admission.streams.release()

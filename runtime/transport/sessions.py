@@ -9,6 +9,7 @@ from time import perf_counter
 import grpc
 from macp.v1 import core_pb2
 
+from .. import paging
 from ..engine import Outcome
 from ..errors import Kind, MacpError, StatusError
 from ..session import OPEN
@@ -16,7 +17,7 @@ from ..specs.hooks.common import is_blank
 from .convert import (created_event, error_ack, lifecycle_response, ok_ack, session_metadata,
                       signal_response)
 from .loop import Doorbell
-from .status import abort, abort_status_error
+from .status import abort, abort_status_error, on_lag
 from .watch import watch
 
 log = logging.getLogger("macp_runtime.service")
@@ -77,7 +78,7 @@ class MessageHandler:
         engine = self.t.engine
         signals, cluster = engine.signals, engine.cluster
         if len(signals) or cluster is not None:
-            item = signal_response(env)
+            item = signal_response(env, engine.profile.signals_need_auth)
             signals.publish(item)
             if cluster is not None:   # other instances' WatchSignals subscribers (PostgreSQL NOTIFY)
                 await self.t.offload(cluster.publish_signal, item)
@@ -85,6 +86,8 @@ class MessageHandler:
 
     async def WatchSignals(self, request, context):
         t = self.t
+        if t.engine.profile.signals_need_auth:   # current.md §9.1: any identity, before any frame
+            await t.admission.require_identity(context)
         await t.admission.streams.acquire(context)
         try:
             bell = Doorbell(t.wakeups)
@@ -92,7 +95,8 @@ class MessageHandler:
             if t.engine.closing.is_set():
                 sub.cancel()
                 return
-            async for frame in watch(bell, sub, _same):
+            async for frame in watch(bell, sub, _same,
+                                     lagged=on_lag(context, t.engine.profile, "WatchSignals", "signals")):
                 yield frame
         finally:
             t.admission.streams.release()
@@ -143,6 +147,16 @@ class SessionHandler:
         await t.admission.require_identity(context)
         await t.offload(t.engine.refresh_sessions)   # a shared store: sessions other instances hold too
         sessions = t.engine.sessions()
+        profile = t.engine.profile
+        if profile.paged_list_sessions:   # current.md §10
+            try:
+                chosen, token = paging.page(sessions, request.page_size, request.page_token,
+                                            profile.list_sessions_default_page_size,
+                                            profile.list_sessions_max_page_size)
+            except paging.PageError as exc:
+                await abort(context, profile, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_REQUEST")
+            return core_pb2.ListSessionsResponse(sessions=[session_metadata(s) for s in chosen],
+                                                 next_page_token=token)
         if request.page_size < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
         if request.page_size == 0 and not request.page_token:
@@ -170,7 +184,8 @@ class SessionHandler:
                 sub.cancel()
                 return
             first = [created_event(s) for s in t.engine.sessions()]
-            async for frame in watch(bell, sub, lifecycle_response, first):
+            async for frame in watch(bell, sub, lifecycle_response, first,
+                                     lagged=on_lag(context, t.engine.profile, "WatchSessions", "events")):
                 yield frame
         finally:
             t.admission.streams.release()

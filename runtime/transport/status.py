@@ -59,5 +59,16 @@ async def abort(context, profile, status: grpc.StatusCode, message: str, macp_co
     await context.abort(status, message, trailing_metadata=trailers)
 
 
+def on_lag(context, profile, stream_name: str, what: str):
+    """The `lagged` callback of a watch: None (ends OK) unless the profile makes lag an error."""
+    if profile is None or not profile.lag_is_error:
+        return None
+
+    async def lagged() -> None:
+        await abort(context, profile, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{stream_name} receiver fell behind by 1 {what}", "STREAM_LAGGED")
+    return lagged
+
+
 async def abort_status_error(context, profile, exc: StatusError) -> None:
     await abort(context, profile, status_of(exc), exc.message, exc.macp_code)

@@ -161,6 +161,9 @@ class StreamHandler:
             if stream.dropped:
                 context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
                 context.set_details(f"StreamSession receiver fell behind by {stream.dropped} envelopes")
+                trailers = self.t.engine.profile.trailers("STREAM_LAGGED")
+                if trailers:
+                    context.set_trailing_metadata(trailers)
                 log.info("stream of %s on session %s cut off: fell behind by %d envelopes",
                          identity.sender, stream.bound, stream.dropped)
                 return
