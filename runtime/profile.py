@@ -86,6 +86,10 @@ class Profile:
     signals_need_auth: bool = _doc("WatchSignals needs a caller; frames carry `sender_authenticated = true`")
     lag_is_error: bool = _doc("a lagging watch ends RESOURCE_EXHAUSTED + STREAM_LAGGED (v0.4.0: ends OK)")
     session_id_rule: str = _doc("SessionStart session ids")
+    stream_inline_errors: bool = _doc("StreamSession: what Send answers in an Ack comes inline (code, message_id, "
+                                      "details) and the stream stays open")
+    after_sequence_ordinals: bool = _doc("StreamSession `after_sequence` = 1-based accepted-envelope ordinal, "
+                                         "exclusive (v0.4.0: raw log index)")
     features: dict = dataclasses.field(default_factory=dict)   # served optional RPCs (receipts, what-if)
     list_sessions_default_page_size: int = 100
     list_sessions_max_page_size: int = 1000
@@ -153,7 +157,8 @@ def v040() -> Profile:
                    error_trailer=False, structured_denials=False, empty_roster_modes=frozenset(),
                    session_id_rule="a 36-byte id with `-` must be a lowercase UUID v4/v7; else base64url, 22+ chars",
                    honour_max_suspend_ms=False, roots_list_changed=True,
-                   paged_list_sessions=False, signals_need_auth=False, lag_is_error=False)
+                   paged_list_sessions=False, signals_need_auth=False, lag_is_error=False,
+                   stream_inline_errors=False, after_sequence_ordinals=False)
 
 
 def current() -> Profile:
@@ -162,7 +167,8 @@ def current() -> Profile:
                    empty_roster_modes=frozenset({"macp.mode.decision.v1"}),   # RFC-MACP-0007 1.3.0 §2
                    session_id_rule="only UUID-shaped ids must be lowercase v4/v7; else base64url, 22-128 chars",
                    honour_max_suspend_ms=True, roots_list_changed=False,
-                   paged_list_sessions=True, signals_need_auth=True, lag_is_error=True)
+                   paged_list_sessions=True, signals_need_auth=True, lag_is_error=True,
+                   stream_inline_errors=True, after_sequence_ordinals=True)
 
 
 PROFILES = {"current": current, "v0.4.0": v040}

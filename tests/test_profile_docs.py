@@ -14,9 +14,7 @@ def test_readme_table_matches_the_profiles_and_specs():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         text = fh.read()
     table = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
-    assert table == differences_table(), (
-        "README's profile table is stale; regenerate it with "
-        "python -c \"from macp_runtime.profile import differences_table as t; print(t())\"")
+    assert table == differences_table(), "README's profile table is stale: run scripts/profile-table"
 
 
 def test_every_current_spec_replaces_a_v040_spec_of_the_same_mode():

@@ -16,8 +16,8 @@ from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2
 
 from conftest import bearer, commitment, envelope, new_session_id, send, start_payload
 
-# Shared by both protocol profiles: every test runs against a v0.4.0 and a current server.
-PROFILES = ("v0.4.0", "current")
+# v0.4.0 semantics (raw-index after_sequence, terminating pre-checks, variant-named inline codes);
+# the current line is tested in tests/test_streams_current.py.
 from streamkit import Collector, Duplex
 
 MODE = "macp.mode.decision.v1"

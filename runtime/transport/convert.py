@@ -81,6 +81,13 @@ def inline_error(message: str, session_id: str) -> _StreamResponse:
     return _StreamResponse(error=_MACPError(code=message, message=message, session_id=session_id))
 
 
+def inline_macp_error(exc: MacpError, session_id: str, message_id: str, profile) -> _StreamResponse:
+    """current.md §8.4: an inline frame carries what the Ack's error would (registry code, display
+    message, the rejected envelope's ids, the same details)."""
+    ack = error_ack(exc, message_id, session_id, profile)
+    return _StreamResponse(error=ack.error)
+
+
 def signal_response(env, sender_authenticated: bool = False) -> core_pb2.WatchSignalsResponse:
     """Only authenticated, sender-checked envelopes are broadcast: the current profile says so."""
     item = core_pb2.WatchSignalsResponse(sender_authenticated=sender_authenticated)

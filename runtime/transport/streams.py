@@ -17,11 +17,11 @@ import logging
 import grpc
 from macp.v1 import core_pb2
 
-from ..errors import MacpError, StatusError
+from ..errors import Kind, MacpError, StatusError
 from ..session import OPEN
 from ..specs.hooks.common import is_blank
 from ..storage import ENTRY_KIND_INCOMING
-from .convert import accepted_frame, history_frame, inline_error
+from .convert import accepted_frame, history_frame, inline_error, inline_macp_error
 from .loop import Doorbell
 from .status import error_status, status_of
 
@@ -42,9 +42,10 @@ _Request = core_pb2.StreamSessionRequest
 
 
 class _Terminate(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, macp_code: str | None = None):
         self.code = code
         self.message = message
+        self.macp_code = macp_code   # the macp-error-code trailer under the current profile
 
 
 class SessionStream:
@@ -179,6 +180,9 @@ class StreamHandler:
                 except _Terminate as end:
                     context.set_code(end.code)
                     context.set_details(end.message)
+                    trailers = self.t.engine.profile.trailers(end.macp_code)
+                    if trailers:
+                        context.set_trailing_metadata(trailers)
                     return
                 continue
             if stream.input_done:   # half-closed, live envelopes drained
@@ -193,10 +197,12 @@ class StreamHandler:
             return await self._subscribe(stream, request, identity)
         if not request.HasField("envelope"):
             raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT,
-                             "StreamSessionRequest must contain an envelope or subscribe_session_id")
+                             "StreamSessionRequest must contain an envelope or subscribe_session_id", "INVALID_REQUEST")
         t = self.t
         engine = t.engine
         env = request.envelope
+        if engine.profile.stream_inline_errors:
+            return await self._frame_current(stream, env, identity)
         try:
             t.admission.check_shape(env)
         except MacpError as exc:
@@ -246,19 +252,57 @@ class StreamHandler:
         engine.metrics.send_done(env.mode, mtype, "", None)
         return []   # success: the accepted envelope comes back through the session's channel
 
+    async def _frame_current(self, stream: SessionStream, env, identity) -> list:
+        """current.md §8.4: everything Send would answer in an Ack comes back inline with the Ack's
+        error fields and the stream stays open; only a frame for another session (T4) and a storage
+        failure (T7) end it (T2, T3, T5, T6 end it elsewhere)."""
+        t = self.t
+        engine = t.engine
+        profile = engine.profile
+        session_id = env.session_id
+        if stream.bound is not None and session_id and stream.bound != session_id:
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, ONE_SESSION, "INVALID_REQUEST")
+        mtype = env.message_type
+        try:
+            t.admission.check_shape(env)
+            if is_blank(session_id) or is_blank(env.mode):
+                raise MacpError(Kind.InvalidEnvelope, detail="a stream envelope needs session_id and mode")
+            is_start = t.admission.admit_send(env, identity)
+            if stream.bound is None:
+                stream.bound = session_id
+            if not stream.subscribed:
+                engine.subscribe(session_id, stream)
+                stream.subscribed = True
+            if is_start:
+                await t.offload(engine.start_session, env, identity)
+            elif mtype == "Progress":
+                await t.messages.ambient(env)
+            else:
+                await t.offload(engine.process_message, env, identity)
+        except MacpError as exc:
+            engine.metrics.send_done(env.mode, mtype, exc.code, None)
+            if exc.kind is Kind.StorageFailed:
+                raise _Terminate(grpc.StatusCode.INTERNAL, exc.status_message, "INTERNAL_ERROR") from None
+            return [inline_macp_error(exc, stream.bound or session_id, env.message_id, profile)]
+        engine.metrics.send_done(env.mode, mtype, "", None)
+        return []
+
     async def _subscribe(self, stream: SessionStream, request, identity) -> list:
         if request.HasField("envelope"):
             raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT,
-                             "StreamSessionRequest must not contain both envelope and subscribe_session_id")
+                             "StreamSessionRequest must not contain both envelope and subscribe_session_id",
+                             "INVALID_REQUEST")
         engine = self.t.engine
         session_id = request.subscribe_session_id
         if stream.bound is not None and stream.bound != session_id:
-            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, ONE_SESSION)
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, ONE_SESSION, "INVALID_REQUEST")
         try:
             session = await self.t.offload(engine.lookup, session_id)
         except StatusError as exc:
-            raise _Terminate(status_of(exc), exc.message) from None
+            raise _Terminate(status_of(exc), exc.message, exc.macp_code) from None
         if not engine.may_read(session, identity):
+            if engine.profile.stream_inline_errors:
+                return [_MACPFrame("FORBIDDEN", FORBIDDEN_SUBSCRIBE, stream.bound or "")]
             return [inline_error(FORBIDDEN_SUBSCRIBE, stream.bound or "")]
         stream.bound = session_id
         try:
@@ -268,8 +312,33 @@ class StreamHandler:
         except MacpError as exc:
             raise _Terminate(*error_status(exc)) from None
         stream.subscribed = True
+        if engine.profile.after_sequence_ordinals:
+            return _replay_after_ordinal(records, request.after_sequence, session, session_id)
         return [history_frame(records[i]) for i in range(min(request.after_sequence, len(records)), len(records))
                 if records[i].kind == ENTRY_KIND_INCOMING]
+
+
+def _MACPFrame(code: str, message: str, session_id: str, message_id: str = "") -> core_pb2.StreamSessionResponse:
+    frame = core_pb2.StreamSessionResponse()
+    frame.error.code = code
+    frame.error.message = message
+    frame.error.session_id = session_id
+    frame.error.message_id = message_id
+    return frame
+
+
+def _replay_after_ordinal(records, after: int, session, session_id: str) -> list:
+    """current.md §8.1–§8.2: accepted envelopes carry 1-based ordinals (SessionStart = 1, internal
+    records and checkpoints none); replay those with ordinal > `after`. When the history held no
+    longer starts at the SessionStart (restored from a terminal checkpoint), the envelopes before
+    it are gone: a resume below that base is refused inline, naming it."""
+    accepted = [r for r in records if r.kind == ENTRY_KIND_INCOMING]
+    complete = bool(accepted) and accepted[0].message_type == "SessionStart"
+    base = 0 if complete else max(len(session.seen) - len(accepted), 0)
+    if after < base:
+        return [_MACPFrame("INVALID_ENVELOPE", f"session history before ordinal {base} was compacted; resume with "
+                           f"after_sequence >= {base} or re-read state via GetSession", session_id)]
+    return [history_frame(r) for r in accepted[max(after - base, 0):]]
 
 
 def _inline_or_end(exc: MacpError, stream: SessionStream):
