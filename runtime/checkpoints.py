@@ -77,6 +77,8 @@ def snapshot(session: Session, *, exact: bool) -> SessionSnapshot:
         snap.resolution = session.resolution
     if session.suspended_at_ms is not None:
         snap.suspended_at_ms = session.suspended_at_ms
+    if session.commitment is not None:
+        snap.commitment_wire, snap.committed_at_ms = session.commitment
     for participant, (count, last_ms) in (session.activity or {}).items():
         snap.activity.add(participant=participant, message_count=count, last_message_at_ms=last_ms)
     return snap
@@ -153,6 +155,8 @@ def restore(session_id: str, record: LogRecord, compiled_for, policy_for) -> Ses
         session.activity = {a.participant: [a.message_count, a.last_message_at_ms] for a in snap.activity}
     session.resolution = snap.resolution if snap.HasField("resolution") else None
     session.suspended_at_ms = snap.suspended_at_ms if snap.HasField("suspended_at_ms") else None
+    if snap.HasField("commitment_wire"):
+        session.commitment = (snap.commitment_wire, snap.committed_at_ms)
     session.accumulated_suspended_ms = snap.accumulated_suspended_ms
     session.semantics_rev = snap.semantics_rev
     if snap.bound_max_suspend_ms > 0:

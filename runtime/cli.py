@@ -82,6 +82,14 @@ def _serve_parser(sub) -> None:
     p.add_argument("--protocol-profile", dest="protocol_profile", choices=["current", "v0.4.0"],
                    help="protocol line to speak: current (what macp-sdk-python 0.22 expects) or v0.4.0 "
                         "(the Rust reference v0.4.0, exactly) (MACP_PROTOCOL_PROFILE, default current)")
+    p.add_argument("--receipt-signing-key-file", dest="receipt_signing_key_file", metavar="FILE",
+                   help="Ed25519 key that signs decision receipts: PKCS#8 PEM or a base64 32-byte seed "
+                        "(MACP_RECEIPT_SIGNING_KEY_FILE; MACP_RECEIPT_SIGNING_KEY holds the seed inline; "
+                        "default: a key generated at first start and kept with the data)")
+    p.add_argument("--receipt-key-id", dest="receipt_key_id", metavar="KID",
+                   help="kid of the configured receipt key (MACP_RECEIPT_KEY_ID, default its JWK thumbprint)")
+    p.add_argument("--receipt-issuer", dest="receipt_issuer", metavar="TEXT",
+                   help="issuer member of decision receipts (MACP_RECEIPT_ISSUER, default runtime:macp-runtime)")
 
 
 def _docs_parser(sub) -> None:

@@ -14,6 +14,7 @@ Pure and grpc-free (vocabulary layer): only protobuf and the standard library.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,7 @@ _ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', 0x08: "\\b", 0x0C: "\\f", 0x0A: 
 for _c in range(0x20):
     _ESCAPES.setdefault(_c, f"\\u{_c:04x}")
 del _c
+_NEEDS_ESCAPE = re.compile('[\x00-\x1f"\\\\]')
 
 
 class NotHashable(ValueError):
@@ -52,6 +54,8 @@ class NotHashable(ValueError):
 
 def json_string(value: str) -> str:
     """`value` as a JCS string literal (quotes included)."""
+    if _NEEDS_ESCAPE.search(value) is None:   # the common case: nothing to escape
+        return '"' + value + '"'
     return '"' + value.translate(_ESCAPES) + '"'
 
 

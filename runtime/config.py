@@ -43,6 +43,11 @@ class Config:
     console_addr: str | None = None       # host:port of the browser console (runtime/console); None = off
     list_sessions_default_page_size: int = 100   # current profile: ListSessions page_size 0
     list_sessions_max_page_size: int = 1000      # current profile: larger page_size is clamped to this
+    # Decision receipts (runtime/receipt_keys.py). The inline seed MACP_RECEIPT_SIGNING_KEY is read from
+    # the environment only (never a flag, never logged).
+    receipt_signing_key_file: str | None = None
+    receipt_key_id: str | None = None
+    receipt_issuer: str = "runtime:macp-runtime"
     warnings: list[str] = dataclasses.field(default_factory=list)   # logged at start-up
 
     def describe(self) -> dict:
@@ -90,6 +95,9 @@ ENV_VARS = [
     ("MACP_CONSOLE_ADDR", "console_addr", "str"),
     ("MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE", "list_sessions_default_page_size", "posint"),
     ("MACP_LIST_SESSIONS_MAX_PAGE_SIZE", "list_sessions_max_page_size", "posint"),
+    ("MACP_RECEIPT_SIGNING_KEY_FILE", "receipt_signing_key_file", "str"),
+    ("MACP_RECEIPT_KEY_ID", "receipt_key_id", "str"),
+    ("MACP_RECEIPT_ISSUER", "receipt_issuer", "str"),
 ]
 
 
@@ -205,6 +213,11 @@ def _validate(cfg: Config) -> list[str]:
                         f"got {cfg.protocol_profile!r}")
     if cfg.list_sessions_default_page_size > cfg.list_sessions_max_page_size:
         problems.append("MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE must not exceed MACP_LIST_SESSIONS_MAX_PAGE_SIZE")
+    if not cfg.receipt_issuer:
+        problems.append("MACP_RECEIPT_ISSUER must not be empty")
+    if cfg.receipt_signing_key_file and not os.path.isfile(cfg.receipt_signing_key_file):
+        problems.append(f"MACP_RECEIPT_SIGNING_KEY_FILE points to {cfg.receipt_signing_key_file!r}, "
+                        "which does not exist")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log level must be debug, info, warning or error, got {cfg.log_level!r}")
     return problems

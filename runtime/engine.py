@@ -111,6 +111,7 @@ class Engine:
         self.retention_ms = DEFAULT_RETENTION_MS
         self._evicted: dict[str, int] = {}                 # shared: id -> incarnation evicted here
         self.cluster = None                                # ClusterBus (runtime/cluster.py) when shared
+        self.receipts = None                               # receipts.Receipts: keys and issuer (server.py)
         # Checkpoints (runtime/checkpoints.py): written to a durable store of one instance only.
         self.checkpoints = bool(getattr(store, "durable", False)) and not self.shared
         self.checkpoint_interval = 0                       # MACP_CHECKPOINT_INTERVAL (0 = off)
@@ -235,11 +236,11 @@ class Engine:
 
     def _new_session(self, session_id, compiled, initiator, start, started_at, deadline,
                      bound: BoundPolicy | None = None, prof: Profile | None = None,
-                     suspend_cap_ms: int = 0) -> Session:
+                     suspend_cap_ms: int = 0, effective_id: str | None = None) -> Session:
         if bound is None:
             policy, effective = self.policies.bind(start.policy_version, compiled.name)
         else:  # replay: the binding recorded at the start, whatever the registry holds today
-            policy, effective = bound, bound.policy_id
+            policy, effective = bound, effective_id or bound.policy_id
         session = Session(session_id, compiled, initiator, start, policy, started_at, deadline, effective)
         prof = prof or self.profile
         session.semantics_rev = prof.semantics_rev
@@ -292,8 +293,7 @@ class Engine:
         session.note_activity(sender, now)
         resolution = compiled.apply(session, plan)
         if resolution is not None:
-            session.resolution = resolution
-            session.status = RESOLVED
+            _resolve(session, resolution, env.message_type, env.payload, now)
             self._terminal(session)
             log.info("session resolved", extra={"fields": {"session_id": session.session_id, "mode": session.mode,
                                                             "by": sender}})
@@ -979,10 +979,7 @@ class Engine:
             raise ValueError("history has no SessionStart" + (" (and its checkpoint is unusable)" if last is not None
                                                               else ""))
         start_rec = records[first]
-        recorded = profiles.for_rev(start_rec.semantics_rev)   # the revision it was accepted under
-        compiled, start = self._check_start(start_rec.mode, start_rec.payload, recorded)
-        if self.spec_archive is not None:   # the rules the session started with, not today's
-            compiled = self.spec_archive.compiled(start_rec.mode_spec_digest, compiled)
+        compiled, start, recorded = self.start_of(start_rec)
         base = start_rec.timestamp_unix_ms or start_rec.received_at_ms
         bound = self._bound_policy(start_rec.policy_binding) if start_rec.policy_binding else None
         session = self._new_session(session_id, compiled, start_rec.sender, start,
@@ -993,6 +990,45 @@ class Engine:
         for rec in records[first + 1:]:
             self._replay_record(session, rec)
         return session
+
+    def start_of(self, start_rec: LogRecord):
+        """(compiled mode, SessionStartPayload, profile) of a logged SessionStart: the rules of the
+        revision it was accepted under and of the spec it started with, not today's. Raises MacpError
+        when the start is not valid (any more)."""
+        recorded = profiles.for_rev(start_rec.semantics_rev)
+        compiled, start = self._check_start(start_rec.mode, start_rec.payload, recorded)
+        if self.spec_archive is not None:
+            compiled = self.spec_archive.compiled(start_rec.mode_spec_digest, compiled)
+        return compiled, start, recorded
+
+    def scratch_session(self, start_rec: LogRecord, policy: BoundPolicy, effective_id: str) -> Session:
+        """A session built from its logged SessionStart exactly as replay builds it, but bound to
+        `policy` and entered nowhere (WhatIfReplay judges a candidate policy on it). Raises MacpError
+        when the start is refused."""
+        compiled, start, recorded = self.start_of(start_rec)
+        base = start_rec.timestamp_unix_ms or start_rec.received_at_ms
+        return self._new_session(start_rec.session_id, compiled, start_rec.sender, start, start_rec.received_at_ms,
+                                 base + start.ttl_ms, policy, recorded, start_rec.bound_max_suspend_ms,
+                                 effective_id=effective_id)
+
+    def complete_history(self, session: Session) -> list[LogRecord] | None:
+        """The session's whole history from its SessionStart, read consistently under its lock (for
+        WhatIfReplay), or None when the store no longer holds its beginning (compacted)."""
+        def read(s: Session):
+            if s.gone:
+                raise _not_found(s.session_id)
+            try:
+                if self.shared:
+                    records = self.store.history_upto(s.session_id, s.incarnation, s.log_length)
+                    return records if records and records[0].message_type == "SessionStart" else None
+                return self.store.complete_history(s.session_id)
+            except StorageError as exc:
+                raise MacpError(Kind.StorageFailed, detail=str(exc)) from None
+
+        if self.shared:
+            return self._shared(session.session_id, session, read, _not_found, fresh=True)
+        with session.lock:
+            return read(session)
 
     def _replay_record(self, session: Session, rec: LogRecord, strict: bool = True) -> None:
         """Apply one logged record: during replay (checkpoints before the last one are skipped), or a
@@ -1013,8 +1049,7 @@ class Engine:
                 session.note_activity(rec.sender, rec.received_at_ms)
                 resolution = compiled.apply(session, plan)
                 if resolution is not None:
-                    session.resolution = resolution
-                    session.status = RESOLVED
+                    _resolve(session, resolution, rec.message_type, rec.payload, rec.received_at_ms)
             session.seen.add(rec.message_id)
         elif rec.kind == ENTRY_KIND_INTERNAL:
             kind = rec.message_type
@@ -1117,6 +1152,13 @@ def _has_terminal_checkpoint(records: list[LogRecord]) -> bool:
         if rec.kind == ENTRY_KIND_CHECKPOINT:
             return is_terminal_checkpoint(rec)
     return False
+
+
+def _resolve(session: Session, resolution: bytes, message_type: str, payload: bytes, at_ms: int) -> None:
+    if message_type == "Commitment":   # the binding Commitment, for decision receipts (set before the
+        session.commitment = (payload, at_ms)   # status: a reader that sees RESOLVED sees it too)
+    session.resolution = resolution
+    session.status = RESOLVED
 
 
 def _resume(session: Session, banked: int) -> bool:

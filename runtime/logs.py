@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "JWKS_JSON", "KEY_PATH")
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "JWKS_JSON", "KEY_PATH", "SIGNING_KEY")
 
 
 def mask(name: str, value) -> object:

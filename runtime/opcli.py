@@ -77,6 +77,10 @@ def register(sub) -> None:
              "macp-runtime policies list --mode macp.mode.decision.v1", policies_list)
     p.add_argument("--mode", default="", help="only policies for this mode (and `*` policies)")
 
+    from .receipt_cli import register as register_receipts   # sessions receipt, policies what-if, receipts
+
+    register_receipts(sub, ssub, psub)
+
 
 # --- plumbing ----------------------------------------------------------------------------------------
 

@@ -206,9 +206,11 @@ def _canonical_decision(rules: dict) -> dict:
 
 
 def admission_error(policy_id: str, mode: str, rules_text: str, schema_version: int,
-                    parse_json) -> tuple[str | None, dict | None]:
+                    parse_json, *, registering: bool = True) -> tuple[str | None, dict | None]:
     """(error text or None, the parsed rules). Checks 1–10 of §13.2; the duplicate check (11) is the
-    registry's. `parse_json` is the registry's JSON reader (raises ValueError on invalid JSON)."""
+    registry's. `parse_json` is the registry's JSON reader (raises ValueError on invalid JSON).
+    `registering=False` (a WhatIfReplay candidate, never registered, current.md §15.2 step 6) skips
+    the checks of reserved ids (3, 7, 8)."""
     rules: Any = {}
     if rules_text != "":
         try:
@@ -217,7 +219,7 @@ def admission_error(policy_id: str, mode: str, rules_text: str, schema_version: 
             return f"{PREFIX}rules is not valid JSON: {exc}", None
     if not policy_id.strip():
         return f"{PREFIX}policy_id must not be empty", None
-    if policy_id == DEFAULT_POLICY_ID:
+    if registering and policy_id == DEFAULT_POLICY_ID:
         return f"{PREFIX}cannot register with reserved policy_id '{DEFAULT_POLICY_ID}'", None
     if schema_version == 0:
         return f"{PREFIX}schema_version must be > 0", None
@@ -225,7 +227,7 @@ def admission_error(policy_id: str, mode: str, rules_text: str, schema_version: 
         return f"{PREFIX}unsupported schema_version {schema_version} (supported: 1, 2, 3)", None
     if not isinstance(rules, dict):
         return f"{PREFIX}rules must be a JSON object", None
-    if policy_id.startswith(STD_PREFIX):
+    if registering and policy_id.startswith(STD_PREFIX):
         if policy_id not in STD_PROFILES:
             return (f"{PREFIX}policy_id '{policy_id}' is in the reserved 'policy.std.' namespace but is not a "
                     f"governance profile assigned by RFC-MACP-0012 §5.2"), None

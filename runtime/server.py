@@ -24,6 +24,8 @@ from .engine import Engine
 from .modes import ModeRegistry
 from .policies import PolicyRegistry
 from . import profile as profiles
+from .receipt_keys import DOCUMENT as RECEIPT_KEYS_DOCUMENT, KeyConfigError, open_receipt_keys
+from .receipts import Receipts
 from .tls import TlsError, server_credentials
 from .storage import StorageError, open_store
 from .spec_archive import SpecArchive
@@ -110,12 +112,26 @@ class Runtime:
         if not cfg.memory_only:
             engine.spec_archive = SpecArchive(documents())
         recovered, failed = engine.recover(strict=cfg.strict_recovery)
+        try:   # decision receipts: the signing key and the published key set (runtime/receipt_keys.py)
+            receipt_keys = open_receipt_keys(memory_only=cfg.memory_only, data_dir=cfg.data_dir,
+                                             shared_documents=shared_documents,
+                                             inline=os.environ.get("MACP_RECEIPT_SIGNING_KEY"),
+                                             key_file=cfg.receipt_signing_key_file, kid=cfg.receipt_key_id)
+        except (KeyConfigError, StorageError) as exc:
+            raise StartupError(f"receipt signing key: {exc}") from None
+        engine.receipts = Receipts(receipt_keys, cfg.receipt_issuer)
+        if prof.semantics_rev >= 4:   # the current line serves (and advertises) receipts and what-if replay
+            prof.enable("decision_receipt")
+            prof.enable("decision_receipt_signed", receipt_keys.signed)
+            prof.enable("what_if_replay")
+        log.info("decision receipts: signed with kid %s", receipt_keys.active.kid)
         if postgres:   # other instances' changes reach this one (fan-out, registries)
             from .cluster import ClusterBus
             from .config import mask_url
 
             self.cluster = ClusterBus(cfg.database_url, engine, shared_documents,
-                                      {"policies": policies.reload, "modes": modes.reload})
+                                      {"policies": policies.reload, "modes": modes.reload,
+                                       RECEIPT_KEYS_DOCUMENT: receipt_keys.reload})
             self.cluster.start()
             engine.cluster = self.cluster
             where = f"PostgreSQL {mask_url(cfg.database_url)} (shared with other instances)"

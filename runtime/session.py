@@ -29,6 +29,7 @@ class Session:
         "started_at_ms", "deadline_ms", "seen", "activity", "resolution",
         "suspended_at_ms", "accumulated_suspended_ms", "lock", "gone", "log_length", "incarnation",
         "semantics_rev", "suspend_cap_ms",
+        "commitment",
     )
 
     def __init__(self, session_id: str, compiled, initiator: str, start_payload, policy, started_at_ms: int,
@@ -57,6 +58,9 @@ class Session:
         self.seen: set[str] = set()
         self.activity: dict[str, list] | None = None   # sender -> [count, last_ms]; created lazily
         self.resolution: bytes | None = None
+        # The binding Commitment once one resolved the session: (payload bytes as accepted, acceptance
+        # time in ms). What a decision receipt is built from (runtime/receipts.py).
+        self.commitment: tuple[bytes, int] | None = None
         self.suspended_at_ms: int | None = None
         self.accumulated_suspended_ms = 0
         self.lock = threading.Lock()

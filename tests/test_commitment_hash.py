@@ -132,7 +132,7 @@ def test_agrees_with_sdk_on_random_payloads(payload):
     assert ch.canonical_bytes(ch.projection(payload)) == sdk.canonical_projection(payload)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payloads(), st.integers(min_value=10, max_value=2000), st.binary(max_size=8))
 def test_agrees_with_sdk_on_hashability(payload, number, blob):
     wire = payload.SerializeToString() + _field(number, blob)

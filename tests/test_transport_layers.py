@@ -10,7 +10,7 @@ from conftest import ROOT
 
 RUNTIME = os.path.join(ROOT, "runtime")
 # Above the transport: the daemon (TLS credentials) and the operator CLI, which is a gRPC client.
-MAY_IMPORT_GRPC = {"transport", "tls.py", "opcli.py"}
+MAY_IMPORT_GRPC = {"transport", "tls.py", "opcli.py", "receipt_cli.py"}
 
 
 def _modules():

@@ -99,6 +99,13 @@ class Store(abc.ABC):
         From then on `history()` shows them as well."""
         return self.history(session_id)
 
+    def complete_history(self, session_id: str) -> list[LogRecord] | None:
+        """The latest incarnation's records from its SessionStart on, checkpoints included, or None when
+        the store no longer holds its beginning (compaction). Read-only: unlike `full_history` it
+        changes nothing about what `history()` shows or what compaction keeps."""
+        records = self.history(session_id)
+        return records if records and starts_incarnation(records[0]) else None
+
     def start_maintenance(self) -> None:
         """Recovery is over: background work (e.g. compaction of the file log) may begin."""
 

@@ -655,6 +655,20 @@ class FileLogStore(Store):
             return self.history(session_id)
         return [self._read(fd, offset) for fd, offset in where]
 
+    def complete_history(self, session_id: str) -> list[LogRecord] | None:
+        keep: list[_Segment] = []
+        with self._cond:
+            if not self._opened or self._closed:
+                raise StorageError("store is not open")
+            positions = self._index.get(session_id)
+            if positions is None:
+                return None
+            where = self._locate(positions, keep)   # None: some of them were compacted away
+        if where is None:
+            return None
+        records = [self._read(fd, offset) for fd, offset in where]
+        return records if records and starts_incarnation(records[0]) else None
+
     def release(self, session_id: str) -> None:
         with self._cond:
             positions = self._index.pop(session_id, None)

@@ -11,6 +11,7 @@ from .convert import encode
 from .discovery import DiscoveryHandler
 from .loop import Offload, Wakeups
 from .policies import PolicyHandler
+from .receipts import ReceiptHandler
 from .registry import RegistryHandler
 from .sessions import MessageHandler, SessionHandler
 from .streams import StreamHandler
@@ -65,7 +66,7 @@ class Transport:
         self.wakeups = wakeups
         self.messages = MessageHandler(self)
         self.handlers = (self.messages, SessionHandler(self), StreamHandler(self), DiscoveryHandler(self),
-                         RegistryHandler(self), PolicyHandler(self))
+                         RegistryHandler(self), PolicyHandler(self), ReceiptHandler(self))
 
 
 def generic_handler(t: Transport) -> grpc.GenericRpcHandler:
