@@ -71,8 +71,11 @@ def test_initialize_per_profile(servers):
     new = stub_of(servers, "current").Initialize(req)
     assert (old.runtime_info.version, new.runtime_info.version) == ("0.4.0", "0.9.0")
     assert old.capabilities.roots.list_changed and not new.capabilities.roots.list_changed
-    assert not new.capabilities.HasField("decision_receipt")
-    assert not new.capabilities.policy_registry.what_if_replay
+    # receipts and what-if replay: served and advertised under current only (tests/test_receipts_wire.py)
+    assert not old.capabilities.HasField("decision_receipt")
+    assert not old.capabilities.policy_registry.what_if_replay
+    assert new.capabilities.decision_receipt.get_decision_receipt and new.capabilities.decision_receipt.signed
+    assert new.capabilities.policy_registry.what_if_replay
     assert old.capabilities.experimental == new.capabilities.experimental
 
 

@@ -98,7 +98,7 @@ def quorum(c):
 FLOWS = [decision, proposal, task, handoff, quorum]
 
 
-def fetch_verified(c, session_id: str, mode: str, reader: str):
+def fetch_verified(c, session_id: str, mode: str, reader: str, rev: int = 4):
     """The receipt through the SDK, verified by the SDK against the keys GetReceiptKeys publishes."""
     result = c.get_decision_receipt(session_id, auth=agent(reader))
     keys = trusted_keys_from_jwks(c.get_receipt_keys())
@@ -108,7 +108,7 @@ def fetch_verified(c, session_id: str, mode: str, reader: str):
     assert list(r) == ["receipt_format", "session_id", "mode", "commitment", "commitment_hash", "semantics_rev",
                        "issuer", "issued_at", "commitment_wire_b64", "attestations"]
     assert r["issuer"] == "runtime:macp-runtime"
-    assert r["semantics_rev"] == {"implementation": "macp-runtime", "rev": 4}   # sessions of the current line
+    assert r["semantics_rev"] == {"implementation": "macp-runtime", "rev": rev}   # 4: sessions of the current line
     return result.raw, keys
 
 
@@ -285,3 +285,22 @@ def test_receipts_verify_command_offline(runtime_server, tmp_path):
     receipt_file.write_text(json.dumps(forged))
     res = verify(str(receipt_file), "--keys", str(keys_file), "--json")
     assert res.returncode == 1 and json.loads(res.stdout)["verification"]["verdict"] == "unverified"
+
+
+def test_receipt_records_the_sessions_own_revision(server_factory, tmp_path):
+    """A session accepted under v0.4.0 keeps semantics_rev 0 in its receipt when a later process
+    speaks the current line; under v0.4.0 itself the RPCs do not exist (as in that reference)."""
+    data_dir = str(tmp_path / "data")
+    old = server_factory(env={"MACP_PROTOCOL_PROFILE": "v0.4.0"}, data_dir=data_dir)
+    with client_for(old) as c:
+        sid, mode, reader = decision(c)
+        assert not c.initialize().capabilities.HasField("decision_receipt")
+    with pytest.raises(grpc.RpcError) as err:
+        old.stub().GetDecisionReceipt(core_pb2.GetDecisionReceiptRequest(session_id=sid), metadata=bearer(reader))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    old.stop()
+    new = server_factory(env=CURRENT, data_dir=data_dir)
+    with client_for(new) as c:
+        raw, _ = fetch_verified(c, sid, mode, reader, rev=0)
+        sid4, mode4, reader4 = decision(c)
+        fetch_verified(c, sid4, mode4, reader4, rev=4)

@@ -78,9 +78,9 @@ def test_initialize_advertises_the_current_line(client):
     caps = init.capabilities
     assert caps.roots.list_roots and not caps.roots.list_changed
     assert list(caps.policy_registry.rule_extensions) == []
-    # nothing is advertised that this runtime does not serve
-    assert not caps.policy_registry.what_if_replay
-    assert not caps.decision_receipt.get_decision_receipt
+    # the two optional RPC groups the SDK gates on (tests/test_receipts_wire.py, tests/test_whatif_wire.py)
+    assert caps.policy_registry.what_if_replay
+    assert caps.decision_receipt.get_decision_receipt and caps.decision_receipt.signed
 
 
 def test_status_errors_carry_the_registry_code(client):
