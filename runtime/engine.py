@@ -869,7 +869,7 @@ class Engine:
         session = self._sessions.get(session_id)
         if session is not None and session.incarnation == incarnation and session.log_length > index:
             return   # this copy has it (our own append)
-        if session_id not in self._channels and not len(self.lifecycle):
+        if session_id not in self._channels and not len(self.lifecycle) and not self.observers:
             return
         if session is None or session.gone:
             session, inserted = self._shared_load(session_id)

@@ -18,18 +18,24 @@ DECISION = "macp.mode.decision.v1"
 
 def console_server(server_factory, env: dict | None = None, args: list[str] | None = None):
     """A server with the console on a free loopback port; `.console` is its base URL."""
-    import socket
-    import time
-
     port = free_port()
     srv = server_factory(env={"MACP_CONSOLE_ADDR": f"127.0.0.1:{port}", **(env or {})}, args=args)
     srv.console = f"http://127.0.0.1:{port}"
     srv.console_port = port
-    deadline = time.monotonic() + 20
-    while True:   # the console starts on the daemon's loop right after the gRPC port serves
+    wait_console(srv, port)
+    return srv
+
+
+def wait_console(srv, port: int, timeout: float = 20.0) -> None:
+    """Until the console accepts connections (it starts on the daemon's loop right after gRPC serves)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return srv
+            return
         except OSError:
             if time.monotonic() > deadline or srv.proc.poll() is not None:
                 raise RuntimeError(f"the console did not come up:\n{srv.log()}")

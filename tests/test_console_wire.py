@@ -11,7 +11,7 @@ import pytest
 from macp.v1 import envelope_pb2
 
 from conftest import ROOT, free_port
-from consolekit import DECISION, DecisionSession, EventStream, console_server, get
+from consolekit import DECISION, DecisionSession, EventStream, console_server, get, wait_console
 
 STATIC_TOKENS = [
     {"token": "tok-coordinator", "sender": "coordinator"},
@@ -303,3 +303,47 @@ def test_shutdown_ends_event_streams_and_exits_zero(dev):
         assert event in ("bye", "closed")
     finally:
         stream.close()
+
+
+def test_console_of_one_instance_follows_sessions_driven_through_another(tmp_path, pg_url):
+    """Several instances over PostgreSQL: the console of instance B shows, live, a session whose every
+    message went through instance A."""
+    from conftest import ServerProcess
+
+    port = free_port()
+    env = {"MACP_STORAGE_BACKEND": "postgres", "MACP_DATABASE_URL": pg_url, "MACP_DATABASE_POOL_SIZE": "4",
+           "MACP_WORKERS": "8"}
+    a = ServerProcess(str(tmp_path / "a"), env).start()
+    b = ServerProcess(str(tmp_path / "b"), {**env, "MACP_CONSOLE_ADDR": f"127.0.0.1:{port}"}).start()
+    try:
+        wait_console(b, port)
+        stream = EventStream(port, "alice")
+        try:
+            stream.next({"ready"})
+            s = DecisionSession(a.stub())
+            s.start()
+            s.propose()
+            s.evaluate()
+            s.vote("alice")
+            s.vote("bob")
+            s.commit()
+            seen = []
+            while True:
+                event, data = stream.next({"envelope", "lifecycle"}, timeout=40)
+                assert data["session"]["session_id"] == s.sid
+                seen.append(data.get("event") or data["entry"]["message_type"])
+                if seen[-1] == "RESOLVED":
+                    break
+            # B learns of the session by loading it (CREATED, its records so far applied at once), then
+            # follows every later record as an envelope event, in log order, to the resolution
+            assert seen[0] == "CREATED" and seen[-2:] == ["Commitment", "RESOLVED"], seen
+            envelopes = seen[1:-1]
+            full = ["SessionStart", "Proposal", "Evaluation", "Vote", "Vote", "Commitment"]
+            assert envelopes == full[len(full) - len(envelopes):], seen
+        finally:
+            stream.close()
+        body = get(f"http://127.0.0.1:{port}", f"/api/sessions/{s.sid}", token="bob")[1]
+        assert (body["state"], body["phase"], len(body["history"])) == ("RESOLVED", "Committed", 6)
+    finally:
+        a.kill()
+        b.kill()
