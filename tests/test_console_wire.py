@@ -347,3 +347,41 @@ def test_console_of_one_instance_follows_sessions_driven_through_another(tmp_pat
     finally:
         a.kill()
         b.kill()
+
+
+def test_suspension_resume_and_cancel_show_as_runtime_entries_and_lifecycle_events(dev):
+    from macp.v1 import core_pb2
+
+    from conftest import bearer
+
+    stub = dev.stub()
+    stream = EventStream(dev.console_port, "bob")
+    try:
+        stream.next({"ready"})
+        s = DecisionSession(stub)
+        s.start()
+        s.propose()
+        ack = stub.SuspendSession(core_pb2.SuspendSessionRequest(session_id=s.sid, reason="lunch"),
+                                  metadata=bearer("coordinator")).ack
+        assert ack.ok
+        assert stream.next({"lifecycle"})[1]["event"] == "CREATED"
+        event, data = stream.next({"lifecycle"})
+        assert (data["event"], data["session"]["state"]) == ("SUSPENDED", "SUSPENDED")
+        body = get(dev.console, f"/api/sessions/{s.sid}", token="bob")[1]
+        assert body["state"] == "SUSPENDED" and body["suspended_at_ms"] > 0 and body["phase"] == "Evaluation"
+        entry = body["history"][-1]
+        assert (entry["kind"], entry["message_type"], entry["sender"]) == ("runtime", "SessionSuspend", "_runtime")
+        assert entry["payload_type"] == "macp.v1.SessionSuspendPayload" and entry["payload"]["reason"] == "lunch"
+        assert stub.ResumeSession(core_pb2.ResumeSessionRequest(session_id=s.sid, reason="back"),
+                                  metadata=bearer("coordinator")).ack.ok
+        assert stream.next({"lifecycle"})[1]["event"] == "RESUMED"
+        assert stub.CancelSession(core_pb2.CancelSessionRequest(session_id=s.sid, reason="no longer needed"),
+                                  metadata=bearer("coordinator")).ack.ok
+        event, data = stream.next({"lifecycle"})
+        assert (data["event"], data["session"]["state"]) == ("CANCELLED", "CANCELLED")
+        body = get(dev.console, f"/api/sessions/{s.sid}", token="bob")[1]
+        assert [e["message_type"] for e in body["history"] if e["kind"] == "runtime"] == [
+            "SessionSuspend", "SessionResume", "SessionCancel"]
+        assert body["resolution"] is None and body["suspended_at_ms"] is None
+    finally:
+        stream.close()
