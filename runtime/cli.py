@@ -49,6 +49,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--compact-dead-ratio", dest="compact_dead_ratio", type=float, metavar="R",
                    help="file backend: rewrite a sealed log segment once this share of its records is "
                         "covered by later checkpoints (MACP_COMPACT_DEAD_RATIO, default 0.5; 0 = never)")
+    p.add_argument("--history-retention", dest="history_retention_secs", type=float, metavar="SECS",
+                   help="file backend: keep a terminal session's whole history this long after it ended, so "
+                        "WhatIfReplay can replay it (MACP_HISTORY_RETENTION_SECS, default 0: compaction may drop "
+                        "it; MACP_COMPACT_DEAD_RATIO=0 keeps every history)")
     p.add_argument("--max-payload-bytes", dest="max_payload_bytes", type=int, metavar="N",
                    help="largest envelope payload accepted (MACP_MAX_PAYLOAD_BYTES, default 1048576)")
     p.add_argument("--session-start-limit", dest="session_start_limit_per_minute", type=int, metavar="N",

@@ -27,6 +27,7 @@ class Config:
     checkpoint_interval: int = 0          # interval checkpoint every N log entries of an open session; 0 = off
     wal_segment_bytes: int = 64 * 1024 * 1024   # file store: a new log segment once one reaches this size
     compact_dead_ratio: float = 0.5       # file store: rewrite a sealed segment at this dead share; 0 = never
+    history_retention_secs: float = 0.0   # file store: keep a terminal session's history this long (WhatIfReplay)
     max_payload_bytes: int = 1_048_576
     session_start_limit_per_minute: int = 60
     message_limit_per_minute: int = 600
@@ -79,6 +80,7 @@ ENV_VARS = [
     ("MACP_CHECKPOINT_INTERVAL", "checkpoint_interval", "count"),
     ("MACP_WAL_SEGMENT_BYTES", "wal_segment_bytes", "posint"),
     ("MACP_COMPACT_DEAD_RATIO", "compact_dead_ratio", "ratio"),
+    ("MACP_HISTORY_RETENTION_SECS", "history_retention_secs", "nonneg_secs"),
     ("MACP_MAX_PAYLOAD_BYTES", "max_payload_bytes", "posint"),
     ("MACP_SESSION_START_LIMIT_PER_MINUTE", "session_start_limit_per_minute", "posint"),
     ("MACP_MESSAGE_LIMIT_PER_MINUTE", "message_limit_per_minute", "posint"),
@@ -148,6 +150,14 @@ def from_env(environ=None, overrides: dict | None = None) -> Config:
                 setattr(cfg, field, value)
             except ValueError:
                 problems.append(f"{var} must be a number from 0 to 1, got {raw!r}")
+        elif kind == "nonneg_secs":
+            try:
+                value = float(raw)
+                if not 0 <= value < float("inf"):
+                    raise ValueError
+                setattr(cfg, field, value)
+            except ValueError:
+                problems.append(f"{var} must be 0 or a positive number of seconds, got {raw!r}")
         elif kind == "secs":
             # As the reference: an unusable value falls back to the default (with a warning).
             try:

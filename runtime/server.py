@@ -84,7 +84,8 @@ class Runtime:
                                     pool_size=cfg.database_pool_size)
         else:
             self.store = open_store(cfg.memory_only, cfg.data_dir, segment_bytes=cfg.wal_segment_bytes,
-                                    compact_dead_ratio=cfg.compact_dead_ratio or None)
+                                    compact_dead_ratio=cfg.compact_dead_ratio or None,
+                                    history_retention_ms=int(cfg.history_retention_secs * 1000))
         try:
             report = self.store.open()
         except Exception as exc:

@@ -292,3 +292,33 @@ def test_cli_what_if_and_receipt(runtime_server, tmp_path):
     assert send(stub, envelope(MODE, "SessionStart", open_sid, "alice", start_payload(PEOPLE))).ok
     bad = cli("sessions", "receipt", open_sid)
     assert bad.returncode == 1 and "RECEIPT_UNAVAILABLE" in bad.stderr
+
+
+def test_history_retention_keeps_histories_replayable_for_a_while(server_factory):
+    """MACP_HISTORY_RETENTION_SECS: compaction keeps a terminal session's whole history that long after
+    the session ended (its terminal checkpoint); afterwards it is compacted as usual."""
+    retention = 30
+    srv = server_factory(env={**CURRENT, "MACP_WAL_SEGMENT_BYTES": "4096", "MACP_COMPACT_DEAD_RATIO": "0.01",
+                              "MACP_HISTORY_RETENTION_SECS": str(retention)})
+    sids = [new_session_id() for _ in range(4)]
+    for sid in sids:
+        assert all(a.ok for a in run_decision(srv.stub(), sid))
+    ended = time.monotonic()
+    srv.restart()
+    srv.restart()   # without the retention this start compacts the histories away (see above)
+    time.sleep(1.0)
+    assert time.monotonic() - ended < retention - 5, "the restarts took too long for this test"
+    for sid in sids:
+        response = what_if(srv.stub(), sid, descriptor())
+        assert len(response.entries) == 6 and response.first_divergence == 5
+    time.sleep(max(0.0, ended + retention + 1 - time.monotonic()))
+    srv.restart()   # compaction at start: the retention has passed
+
+    def compacted():
+        try:
+            what_if(srv.stub(), sids[0], descriptor())
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+        return False
+
+    assert _wait_for(compacted)

@@ -145,7 +145,7 @@ class _Entry:
 class _Segment:
     """One segment file: where its records lie (LSN -> offset) and a read fd, opened when first needed."""
 
-    __slots__ = ("number", "path", "fd", "lsns", "offsets", "dead", "retired", "__weakref__")
+    __slots__ = ("number", "path", "fd", "lsns", "offsets", "dead", "retired", "recheck_at_ms", "__weakref__")
 
     def __init__(self, number: int, path: str, fd: int = -1) -> None:
         self.number = number
@@ -155,6 +155,7 @@ class _Segment:
         self.offsets = array("Q")    # offsets[i] is where the record lsns[i] starts
         self.dead = 0                # estimated dead records: the compaction trigger
         self.retired = False         # replaced by a compaction (or unlinked): never reopen by path
+        self.recheck_at_ms = 0       # history kept for replays until then (history_retention_ms): look again
 
     def offset_of(self, lsn: int) -> int | None:
         i = bisect_left(self.lsns, lsn)
@@ -195,6 +196,7 @@ class FileLogStore(Store):
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         compact_dead_ratio: float | None = DEFAULT_COMPACT_DEAD_RATIO,
         compact_interval_s: float = DEFAULT_COMPACT_INTERVAL_S,
+        history_retention_ms: int = 0,
     ) -> None:
         if segment_bytes <= 0:
             raise ValueError("segment_bytes must be positive")
@@ -205,12 +207,17 @@ class FileLogStore(Store):
         self.segment_bytes = segment_bytes
         self.compact_dead_ratio = compact_dead_ratio
         self.compact_interval_s = compact_interval_s
+        # MACP_HISTORY_RETENTION_SECS: a terminal session's records before its checkpoint stay live this
+        # long after the checkpoint, so WhatIfReplay can still read its whole history (0: not kept).
+        self.history_retention_ms = history_retention_ms
 
         self._cond = threading.Condition(threading.Lock())
         # Guarded by _cond:
         self._index: dict[str, array] = {}  # session -> LSNs of its latest incarnation; insertion = first-append order
         self._start: dict[str, int] = {}    # session -> where history() begins in its array (absent: 0)
         self._floor: dict[str, int] = {}    # session -> LSN of its latest SessionStart / terminal checkpoint
+        self._ended_at: dict[str, int] = {}  # session -> time (ms) of its terminal checkpoint, with history retention
+        self._keep_since = 0                # compaction: histories of sessions that ended at or after this stay
         self._segs: list[_Segment] = []     # in log order; the last one is written
         self._seg_first = array("Q")        # first LSN of each segment of _segs
         self._next_lsn = 1
@@ -350,12 +357,12 @@ class FileLogStore(Store):
         while pos < size:
             record = self._frame_at(view, pos, size)
             if record is not None:
-                session_id, end, reset = record
+                session_id, end, reset, at_ms = record
                 lsn = self._next_lsn
                 self._next_lsn += 1
                 seg.lsns.append(lsn)
                 seg.offsets.append(pos)
-                self._index_add(session_id, lsn, reset, recovering=True)
+                self._index_add(session_id, lsn, reset, recovering=True, at_ms=at_ms)
                 pos = end
                 continue
             # Damaged region: resynchronise on the next magic whose frame validates.
@@ -395,8 +402,8 @@ class FileLogStore(Store):
         return owner if owner and len(owner) <= 128 and owner.isprintable() and " " not in owner else None
 
     @staticmethod
-    def _frame_at(view: memoryview, pos: int, size: int) -> tuple[str, int, int] | None:
-        """(session_id, end offset, reset kind) of a valid frame at pos, else None."""
+    def _frame_at(view: memoryview, pos: int, size: int) -> tuple[str, int, int, int] | None:
+        """(session_id, end offset, reset kind, received_at_ms) of a valid frame at pos, else None."""
         if pos + HEADER_SIZE > size:
             return None
         magic, length, crc = _HEADER.unpack_from(view, pos)
@@ -412,7 +419,7 @@ class FileLogStore(Store):
             rec = LogRecord.FromString(payload)
         except Exception:  # DecodeError, or anything the parser dislikes
             return None
-        return rec.session_id, end, _reset_kind(rec)
+        return rec.session_id, end, _reset_kind(rec), rec.received_at_ms
 
     def _truncate_tail(self, path: str, offset: int) -> None:
         try:
@@ -447,7 +454,7 @@ class FileLogStore(Store):
         for lsn in lsns:
             self._segment_of(lsn).dead += 1
 
-    def _index_add(self, session_id: str, lsn: int, reset: int, recovering: bool = False) -> int:
+    def _index_add(self, session_id: str, lsn: int, reset: int, recovering: bool = False, at_ms: int = 0) -> int:
         """Index one record; returns its index in the session's history."""
         positions = self._index.get(session_id)
         if positions is None or reset == _STARTS:
@@ -461,8 +468,12 @@ class FileLogStore(Store):
         positions.append(lsn)
         if reset == _STARTS:
             self._floor[session_id] = lsn
+            if self._ended_at:
+                self._ended_at.pop(session_id, None)
         elif reset == _TERMINAL:
             self._floor[session_id] = lsn
+            if self.history_retention_ms:
+                self._ended_at[session_id] = at_ms or time.time_ns() // 1_000_000
             if recovering:
                 # Reopened after the session became terminal: its history begins at the checkpoint.
                 start = self._start.get(session_id, 0)
@@ -475,6 +486,9 @@ class FileLogStore(Store):
         floor = self._floor.get(session_id, 0)
         positions = self._index.get(session_id)
         if positions:
+            ended = self._ended_at.get(session_id) if self._ended_at else None
+            if ended is not None and ended >= self._keep_since:
+                return positions[0]   # within MACP_HISTORY_RETENTION_SECS: the whole history stays
             first = positions[self._start.get(session_id, 0)]
             if first < floor:
                 return first
@@ -673,6 +687,7 @@ class FileLogStore(Store):
         with self._cond:
             positions = self._index.pop(session_id, None)
             start = self._start.pop(session_id, 0)
+            self._ended_at.pop(session_id, None)
             if positions is not None:
                 floor = self._floor.get(session_id, 0)
                 self._count_dead(lsn for lsn in positions[start:] if lsn < floor)
@@ -739,8 +754,11 @@ class FileLogStore(Store):
             with self._cond:
                 if not self._opened or self._closed:
                     raise StorageError("store is not open")
+                now = time.time_ns() // 1_000_000
+                self._keep_since = now - self.history_retention_ms
                 candidates = [s for s in self._segs[:-1]
-                              if not s.retired and s.lsns and s.dead >= ratio * len(s.lsns)]
+                              if not s.retired and s.lsns and (s.dead >= ratio * len(s.lsns)
+                                                               or 0 < s.recheck_at_ms <= now)]
             freed = 0
             for seg in candidates:
                 if self._stopping:
@@ -772,18 +790,25 @@ class FileLogStore(Store):
             sessions.append(_session_id_of(view[off + HEADER_SIZE : end]))
         keep: list[int] = []
         n = len(offsets)
+        retain = self.history_retention_ms
+        recheck = 0   # when the histories kept here for replays stop being kept
         for base in range(0, n, _LIVENESS_CHUNK):   # short holds of the lock: appends go on meanwhile
             with self._cond:
                 live_from = self._live_from
+                ended_at, floor = self._ended_at, self._floor
                 for i in range(base, min(n, base + _LIVENESS_CHUNK)):
-                    if lsns[i] >= live_from(sessions[i]):
+                    sid = sessions[i]
+                    if lsns[i] >= live_from(sid):
                         keep.append(i)
+                        if retain and lsns[i] < floor.get(sid, 0) and sid in ended_at:
+                            recheck = max(recheck, ended_at[sid] + retain)
             if self._stopping:
                 return 0
         dead = n - len(keep)
         if dead == 0 or dead < ratio * n:
             with self._cond:
-                seg.dead = dead   # exact now: examined again only once more records die
+                seg.dead = dead   # exact now: examined again once more records die (or at recheck_at_ms)
+                seg.recheck_at_ms = recheck
             return 0
         tmp = seg.path + _COMPACT_SUFFIX
         fd = -1
@@ -818,6 +843,7 @@ class FileLogStore(Store):
                 log.warning("storage: compaction of %s failed, segment left as it was: %s", name, e)
             return 0
         new = _Segment(seg.number, seg.path, fd)
+        new.recheck_at_ms = recheck
         new.lsns = array("Q", (lsns[i] for i in keep))
         if keep:
             new.offsets = new_offsets
