@@ -240,7 +240,7 @@ function sessionsPage() {
         return tr;
       }));
       fresh.clear();
-      count.textContent = list.length + " of " + rows.size + " session" + (rows.size === 1 ? "" : "s") + " shown";
+      count.textContent = list.length + " of " + rows.size + " session" + (rows.size === 1 ? "" : "s") + " shown" + truncated;
     });
   }
   function upsert(s) {
@@ -256,9 +256,11 @@ function sessionsPage() {
       td.textContent = fmtAge(ms) + (td.cellIndex === 7 ? " ago" : "");
     }
   }, 1000);
+  let truncated = "";
   liveView("", {
     async snapshot() {
       const d = await api("/api/sessions");
+      truncated = d.truncated ? " (the newest " + d.sessions.length + " of " + d.total + " are loaded)" : "";
       rows.clear();
       for (const s of d.sessions) rows.set(s.session_id, s);
       render();
@@ -384,6 +386,8 @@ function sessionPage(id) {
     renderPhases(); renderPeople(); renderResolution(); renderTiming();
     seen.clear();
     history.replaceChildren(...detail.history.map(e => { seen.add(e.index); return historyRow(e); }));
+    if (detail.history_error) history.append(el("tr", {}, el("td", { colspan: 7, class: "error-box", role: "alert",
+      text: "The history could not be read: " + detail.history_error })));
   }
 
   ticker = setInterval(() => {
