@@ -26,6 +26,7 @@ from macp.v1 import core_pb2
 
 from ..specs import SPECS_DIR
 from ..specs.hooks.context import HookContext, Reject
+from ..specs.hooks.contract import describe
 from .errors import SpecError
 from .loader import LineDict, load_spec_file
 from .model import BUILTIN_ROLES, Branch, Guard, PayloadBinding, Transition
@@ -114,7 +115,8 @@ class CompiledMode:
                              detail=guard.why)
         if transition.commit:
             if transition.ready is not None and not transition.ready(ctx):
-                raise Reject("InvalidPayload", detail="the session is not ready for a Commitment")
+                raise Reject("InvalidPayload",
+                             detail=f"the session is not ready for a Commitment: {hook_text(transition.ready)}")
             if transition.policy is not None:
                 reasons = transition.policy(ctx)
                 if reasons:
@@ -134,7 +136,7 @@ class CompiledMode:
     def check_start(self, session) -> None:
         for check in self.start_checks:
             if not check(session):
-                raise Reject("InvalidPayload", detail=f"SessionStart refused by {self.name}")
+                raise Reject("InvalidPayload", detail=f"SessionStart refused by {self.name}: {hook_text(check)}")
 
 
 # --- compilation ---------------------------------------------------------------------------------
@@ -226,6 +228,7 @@ class _HookResolver:
             bound = functools.partial(fn, **params)
             bound.__name__ = hook_label(name)
             bound.__doc__ = fn.__doc__
+            bound.__macp_text__ = describe(fn, params)
             return bound
         if not isinstance(name, str) or not name:
             raise self.ctx.fail(node, path, "a hook name must be a non-empty string or {hook: name, ...}", key)
@@ -248,6 +251,12 @@ class _HookResolver:
         if not callable(fn):
             raise self.ctx.fail(node, path, f"hook {name!r} does not exist", key)
         return fn
+
+
+def hook_text(fn: Callable) -> str:
+    """What a resolved hook checks, in prose with its parameters filled in (reasons, docs)."""
+    text = getattr(fn, "__macp_text__", None)
+    return text if text is not None else describe(fn)
 
 
 def hook_label(ref: Any) -> str:
@@ -274,6 +283,37 @@ def _opaque(raw: bytes) -> bytes:
 
 # Payload bindings that need no protobuf message: for modes written in YAML only.
 BUILTIN_PAYLOADS = {"json": _json_object, "opaque": _opaque}
+
+# `payloads.<type>.fields.<name>.type` of a described JSON payload -> the check the decoder applies
+JSON_FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "any": lambda v: True,
+}
+_ARTICLE = {"integer": "an integer", "object": "an object", "array": "an array", "any": "any value"}
+
+
+def _typed_json(fields: dict) -> Callable[[bytes], Any]:
+    """A JSON decoder that also checks the described fields: required ones present, each of its type."""
+    checks = [(name, JSON_FIELD_TYPES[d.get("type", "any")], d.get("type", "any"), bool(d.get("required", False)))
+              for name, d in fields.items()]
+
+    def decode(raw: bytes):
+        value = _json_object(raw)
+        for name, ok, kind, required in checks:
+            if name not in value:
+                if required:
+                    raise Reject("InvalidPayload", detail=f"payload field {name!r} is required")
+            elif not ok(value[name]):
+                raise Reject("InvalidPayload",
+                             detail=f"payload field {name!r} must be {_ARTICLE.get(kind, 'a ' + kind)}")
+        return value
+
+    return decode
 
 
 def _require(ctx: _Ctx, node: dict, key: str, path: str, kind, what: str):
@@ -401,7 +441,33 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
     payloads: dict[str, PayloadBinding] = {}
     for msg, ref in payload_node.items():
         path = f"payloads.{msg}"
-        if isinstance(ref, dict):
+        if isinstance(ref, dict) and "decode" not in ref:
+            _unknown_keys(ctx, ref, {"type", "description", "fields"}, path)
+            kind = ref.get("type")
+            if kind not in BUILTIN_PAYLOADS and (not isinstance(kind, str) or _message_class(kind) is None):
+                raise ctx.fail(ref, f"{path}.type", f"must be json, opaque or a protobuf message name, not {kind!r}",
+                               "type")
+            fields = ref.get("fields") or {}
+            if fields and kind != "json":
+                raise ctx.fail(ref, f"{path}.fields", "fields are described for json payloads only", "fields")
+            if not isinstance(fields, dict):
+                raise ctx.fail(ref, f"{path}.fields", "must be a mapping of field name to {type, description}", "fields")
+            for fname, fdesc in fields.items():
+                if not isinstance(fdesc, dict):
+                    raise ctx.fail(fields, f"{path}.fields.{fname}", "must be a mapping with type and description", fname)
+                _unknown_keys(ctx, fdesc, {"type", "description", "required"}, f"{path}.fields.{fname}")
+                if fdesc.get("type", "any") not in JSON_FIELD_TYPES:
+                    raise ctx.fail(fdesc, f"{path}.fields.{fname}.type",
+                                   f"unknown field type {fdesc.get('type')!r} (known: {', '.join(JSON_FIELD_TYPES)})",
+                                   "type")
+            if kind == "json":
+                decode = _typed_json(fields) if fields else _json_object
+                payloads[msg] = PayloadBinding(msg, "json", decode)
+            elif kind == "opaque":
+                payloads[msg] = PayloadBinding(msg, "opaque", _opaque)
+            else:
+                payloads[msg] = PayloadBinding(msg, kind, _proto_decoder(_message_class(kind)))
+        elif isinstance(ref, dict):
             _unknown_keys(ctx, ref, {"decode"}, path)
             fn = hooks.get(ref, f"{path}.decode", ref.get("decode"), "decode")
             payloads[msg] = PayloadBinding(msg, f"hook:{ref.get('decode')}", fn)
@@ -526,8 +592,8 @@ def _transition(ctx: _Ctx, hooks: _HookResolver, node: dict, path: str, msg: str
         if kind not in Reject.KINDS:
             raise ctx.fail(g, f"{gpath}.reject", f"unknown rejection {kind!r} (known: {', '.join(Reject.KINDS)})",
                            "reject")
-        guards.append(Guard(hooks.get(g, f"{gpath}.check", g.get("check"), "check"), kind,
-                            str(g.get("why", "")), hook_label(g.get("check"))))
+        check = hooks.get(g, f"{gpath}.check", g.get("check"), "check")
+        guards.append(Guard(check, kind, str(g.get("why", "") or hook_text(check)), hook_label(g.get("check"))))
     effect_refs = _hook_list(ctx, node, "effects", path)
     effects = tuple(hooks.get(node, f"{path}.effects", e, "effects") for e in effect_refs)
     effect_names = [hook_label(e) for e in effect_refs]

@@ -60,6 +60,7 @@ class Client:
             session_id=self.session_id, sender=sender, timestamp_unix_ms=int(time.time() * 1000), payload=raw)
         ack = self.stub.Send(core_pb2.SendRequest(envelope=env), metadata=self.credentials(sender),
                              timeout=self.timeout).ack
+        self.last_ack = ack
         print(f"[{label}] ok={_b(ack.ok)} duplicate={_b(ack.duplicate)} state={ack.session_state} "
               f"error='{ack.error.code}'")
         if not ack.ok or ack.duplicate or ack.session_state != expect_state:

@@ -1202,4 +1202,5 @@ def _internal(session: Session, message_type: str, payload: bytes, now: int) -> 
 
 
 def _mode_error(exc: Reject) -> MacpError:
-    return MacpError(Kind[exc.kind], reasons=exc.reasons, detail=exc.detail or str(exc))
+    return MacpError(Kind[exc.kind], reasons=exc.reasons, detail=exc.detail or str(exc),
+                     reason=exc.detail or "; ".join(exc.reasons))

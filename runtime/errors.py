@@ -38,14 +38,23 @@ class Kind(enum.Enum):
 
 
 class MacpError(Exception):
-    """A refusal with a wire code. `detail` is for logs only; the wire carries the display name."""
+    """A refusal with a wire code.
 
-    __slots__ = ("kind", "reasons", "detail")
+    `detail` is for logs. `reason` is the human explanation the client gets (issue 15): a Send Ack's
+    `error.message` is `<display name>: <reason>` and its `error.details` carries `{"reason": ...}`, so a
+    client that reads only `code` sees nothing new while one that shows the message learns why.
+    The reason defaults to `detail`; storage failures keep theirs to the log (paths, driver text).
+    """
 
-    def __init__(self, kind: Kind, reasons: list[str] | None = None, detail: str = ""):
+    __slots__ = ("kind", "reasons", "detail", "reason")
+
+    def __init__(self, kind: Kind, reasons: list[str] | None = None, detail: str = "", reason: str | None = None):
         self.kind = kind
         self.reasons = reasons or []
         self.detail = detail
+        if reason is None:
+            reason = "" if kind in _LOG_ONLY else (detail or "; ".join(self.reasons))
+        self.reason = reason
         super().__init__(f"{kind.name}: {detail}" if detail else kind.name)
 
     @property
@@ -53,9 +62,14 @@ class MacpError(Exception):
         return self.kind.code
 
     @property
-    def message(self) -> str:
-        """The display name, as the reference puts it in MACPError.message."""
+    def display_name(self) -> str:
+        """The reference's display name (v0.4.0 puts exactly this in MACPError.message)."""
         return self.kind.name
+
+    @property
+    def message(self) -> str:
+        """`Ack.error.message`: the display name, then the reason when there is one."""
+        return f"{self.kind.name}: {self.reason}" if self.reason else self.kind.name
 
     @property
     def status_message(self) -> str:
@@ -65,9 +79,19 @@ class MacpError(Exception):
 
     @property
     def details(self) -> bytes:
+        """`error.details` JSON: `reasons` for PolicyDenied (as v0.4.0), `reason` whenever there is one."""
+        body: dict = {}
         if self.kind is Kind.PolicyDenied:
-            return json.dumps({"reasons": self.reasons}, separators=(",", ":"), ensure_ascii=False).encode()
-        return b""
+            body["reasons"] = self.reasons
+        if self.reason:
+            body["reason"] = self.reason
+        if not body:
+            return b""
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# Kinds whose detail is operator information only (it may name files or database errors).
+_LOG_ONLY = frozenset({Kind.StorageFailed})
 
 
 NOT_FOUND = "NOT_FOUND"

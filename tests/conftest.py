@@ -199,3 +199,14 @@ def commitment(action="decision.selected", outcome_positive=True, mode_version="
 
 def bearer(sender: str):
     return [("authorization", f"Bearer {sender}")]
+
+
+def display_name(error) -> str:
+    """The display name at the head of `MACPError.message` (issue 15: `<display name>: <reason>`),
+    after checking that a reason in the message is the one `details` carries as `{"reason": ...}`."""
+    import json
+
+    name, sep, reason = error.message.partition(": ")
+    if sep and error.details:
+        assert json.loads(error.details).get("reason") == reason, error
+    return name

@@ -13,7 +13,7 @@ import pytest
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from conftest import bearer, commitment, envelope, new_session_id, send, start_payload
+from conftest import bearer, commitment, envelope, new_session_id, send, start_payload, display_name
 
 # Shared by both protocol profiles: every test runs against a v0.4.0 and a current server.
 PROFILES = ("v0.4.0", "current")
@@ -206,7 +206,7 @@ def test_suspend_and_resume(stub):
     assert get(stub, sid).state == SUSPENDED
     prop = envelope(MODE, "Proposal", sid, "alice", decision_pb2.ProposalPayload(proposal_id="p1", option="o"))
     ack = send(stub, prop)
-    assert (ack.ok, ack.error.code, ack.error.message) == (False, "SESSION_NOT_OPEN", "SessionNotOpen")
+    assert (ack.ok, ack.error.code, display_name(ack.error)) == (False, "SESSION_NOT_OPEN", "SessionNotOpen")
     again = suspend(stub, sid)
     assert (again.ok, again.error.code, again.session_state, again.error.session_id) == (
         False, "SESSION_NOT_OPEN", 0, sid)

@@ -109,8 +109,8 @@ class Run:
         error = self.commit(sender, ts, **fields)
         assert error is not None and error.kind.name == "PolicyDenied", error
         assert error.reasons == list(reasons)
-        assert error.details == json.dumps({"reasons": list(reasons)}, separators=(",", ":"),
-                                           ensure_ascii=False).encode()
+        assert error.details == json.dumps({"reasons": list(reasons), "reason": "; ".join(reasons)},
+                                           separators=(",", ":"), ensure_ascii=False).encode()
         assert self.session.status == OPEN
 
     def not_ready(self, sender=None, ts=NOW, **fields) -> None:

@@ -77,8 +77,8 @@ def history_frame(record) -> _StreamResponse:
     return _StreamResponse(envelope=record_envelope(record))
 
 
-def inline_error(message: str, session_id: str) -> _StreamResponse:
-    return _StreamResponse(error=_MACPError(code=message, message=message, session_id=session_id))
+def inline_error(message: str, session_id: str, details: bytes = b"") -> _StreamResponse:
+    return _StreamResponse(error=_MACPError(code=message, message=message, session_id=session_id, details=details))
 
 
 def inline_macp_error(exc: MacpError, session_id: str, message_id: str, profile) -> _StreamResponse:

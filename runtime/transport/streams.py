@@ -346,4 +346,4 @@ def _inline_or_end(exc: MacpError, stream: SessionStream):
     code, message = error_status(exc)
     if code in TERMINAL_CODES:
         raise _Terminate(code, message)
-    return inline_error(message, stream.bound or "")
+    return inline_error(message, stream.bound or "", exc.details)
