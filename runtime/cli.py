@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="macp-runtime",
         description="MACP runtime for Python: coordination modes declared in YAML, one generic session engine.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"macp-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     _docs_parser(sub)

@@ -13,6 +13,9 @@ fi
 stamp="$VENV/.macp-install-${extras:-base}"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   echo "installing macp-runtime${extras:+[$extras]} into $VENV" >&2
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT${extras:+[$extras]}"
+  # setuptools always adds an informational "Editable installation." notice (a meta path finder is how it
+  # serves the package-dir mapping); it is not a problem, so it is filtered here. Real warnings still show.
+  PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT${extras:+[$extras]}"
   touch "$stamp"
 fi
