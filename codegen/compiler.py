@@ -29,6 +29,7 @@ from ..specs.hooks.context import HookContext, Reject
 from ..specs.hooks.contract import describe
 from .errors import SpecError
 from .loader import LineDict, load_spec_file
+from .validate import SpecErrors, suggest, validate_spec
 from .model import BUILTIN_ROLES, Branch, Guard, PayloadBinding, Transition
 
 HOOKS_PACKAGE = "macp_runtime.specs.hooks"
@@ -212,6 +213,28 @@ class _HookResolver:
         except ImportError as exc:
             raise SpecError(self.ctx.file, "hooks", f"cannot load hook module {ref!r}: {exc}") from None
 
+    def find(self, name: str) -> tuple[Callable | None, str | None]:
+        """(the hook, None), or (None, why not — with the known hooks and the nearest name)."""
+        if "." in name:
+            mod_name, _, attr = name.rpartition(".")
+            module = self.common if mod_name == "common" else _hook_module(mod_name)
+            if module is None:
+                return None, f"unknown hook module {mod_name!r} in {name!r}{suggest(mod_name, hook_module_names(), 'modules')}"
+            fn = getattr(module, attr, None)
+            if callable(fn) and not attr.startswith("_"):
+                return fn, None
+            known = [f"{mod_name}.{n}" for n in module_hooks(module)]
+            return None, f"hook {name!r} does not exist{suggest(name, known, 'hooks')}; `macp-runtime hooks` lists them"
+        for module in self.modules:
+            fn = getattr(module, name, None)
+            if callable(fn):
+                return fn, None
+        known = [n for module in self.modules for n in module_hooks(module)]
+        elsewhere = [f"{m}.{name}" for m in hook_module_names() if callable(getattr(_hook_module(m), name, None))]
+        if elsewhere and not known:
+            return None, f"hook {name!r} does not exist: bare names come from the spec's `hooks` module; did you mean {elsewhere[0]!r}?"
+        return None, f"hook {name!r} does not exist{suggest(name, known + elsewhere, 'hooks')}"
+
     def get(self, node, path: str, name: Any, key=None) -> Callable:
         """Resolve a hook reference: `name`, `module.name`, or `{hook: name, <param>: value, ...}`.
 
@@ -251,6 +274,40 @@ class _HookResolver:
         if not callable(fn):
             raise self.ctx.fail(node, path, f"hook {name!r} does not exist", key)
         return fn
+
+
+def _hook_module(name: str):
+    if name.startswith("_") or name in ("context", "contract"):
+        return None
+    try:
+        return importlib.import_module(f"{HOOKS_PACKAGE}.{name}")
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _hook_module_names() -> tuple[str, ...]:
+    from ..specs import hooks as hooks_pkg
+
+    return tuple(m.name for m in pkgutil.iter_modules(hooks_pkg.__path__)
+                 if not m.name.startswith("_") and m.name not in ("context", "contract"))
+
+
+def hook_module_names() -> list[str]:
+    """The built-in hook modules (`generic`, `common`, one per built-in mode, ...)."""
+    return list(_hook_module_names())
+
+
+def module_hooks(module) -> list[str]:
+    """The public functions a hook module defines (not the ones it imports)."""
+    return sorted(n for n, f in vars(module).items()
+                  if not n.startswith("_") and inspect.isfunction(f) and f.__module__ == module.__name__
+                  and (hasattr(f, "__macp_hook__") or _first_param(f) in ("ctx", "session", "raw")))
+
+
+def _first_param(fn) -> str:
+    params = list(inspect.signature(fn).parameters)
+    return params[0] if params else ""
 
 
 def hook_text(fn: Callable) -> str:
@@ -360,6 +417,18 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
     ctx = _Ctx(file)
     if not isinstance(spec, dict):
         raise ctx.fail(None, "", "a mode spec must be a mapping")
+    # Every problem of the file at once (schema + cross-references); the checks below stay as a backstop.
+    spec_dir = os.path.dirname(os.path.abspath(file)) if os.path.exists(file) else SPECS_DIR
+    problems: list[SpecError] = []
+    resolver = None
+    try:
+        resolver = _HookResolver(ctx, spec_dir, spec.get("hooks") if isinstance(spec.get("hooks"), str) else None)
+    except SpecError as exc:
+        problems.append(SpecError(exc.file, exc.path, exc.message,
+                                  exc.line or (spec.lines.get("hooks") if isinstance(spec, LineDict) else None)))
+    problems += validate_spec(spec, file, resolver.find if resolver is not None else None)
+    if problems:
+        raise SpecErrors(problems)
     for key in REQUIRED_TOP:
         if key not in spec:
             raise ctx.fail(spec, "", f"missing required key {key!r}")
@@ -376,10 +445,9 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
     if not isinstance(list_position, int) or isinstance(list_position, bool):
         raise ctx.fail(spec, "list_position", "must be an integer", "list_position")
     strict_start = bool(spec.get("strict_start", True))
-    spec_dir = os.path.dirname(os.path.abspath(file)) if os.path.exists(file) else SPECS_DIR
     if spec.get("hooks") is not None and not isinstance(spec["hooks"], str):
         raise ctx.fail(spec, "hooks", "must be a hook module name or a .py path", "hooks")
-    hooks = _HookResolver(ctx, spec_dir, spec.get("hooks"))
+    hooks = resolver
 
     # descriptor
     desc_node = _require(ctx, spec, "descriptor", "", dict, "a mapping")

@@ -13,6 +13,7 @@ import glob
 import os
 
 from .compiler import CompiledMode, compile_spec
+from ..specs import SPECS_DIR
 from .errors import SpecError
 from .loader import LineDict, load_spec_file
 
@@ -102,21 +103,40 @@ def spec_paths(paths: list[str]) -> list[str]:
     return out
 
 
+def builtin_mode_files() -> dict[str, str]:
+    """mode name -> file of the built-in specs (what the server always loads first)."""
+    out = {}
+    for path in spec_paths([SPECS_DIR]):
+        try:
+            name = load_spec_file(path).get("mode")
+        except SpecError:
+            continue
+        if isinstance(name, str):
+            out[name] = path
+    return out
+
+
 def lint_paths(paths: list[str]) -> tuple[list[Finding], int]:
     """Findings for every spec under `paths` (files or directories), and how many specs were read."""
     findings: list[Finding] = []
     files = spec_paths(paths)
     seen_modes: dict[str, str] = {}
+    builtins = builtin_mode_files()
     for path in files:
         try:
             spec = load_spec_file(path)
             mode = compile_spec(spec, path)
         except SpecError as exc:
-            findings.append(Finding("error", exc.file, exc.line, exc.path, exc.message))
+            for e in getattr(exc, "errors", [exc]):
+                findings.append(Finding("error", e.file, e.line, e.path, e.message))
             continue
         if mode.name in seen_modes:
             findings.append(Finding("warning", path, _line(spec, "mode"), "mode",
                                     f"mode {mode.name!r} is also defined in {seen_modes[mode.name]}; the later one wins"))
+        elif mode.name in builtins and os.path.abspath(path) != os.path.abspath(builtins[mode.name]):
+            findings.append(Finding("warning", path, _line(spec, "mode"), "mode",
+                                    f"mode {mode.name!r} overrides the built-in spec {os.path.basename(builtins[mode.name])} "
+                                    "when served with --specs-dir"))
         seen_modes[mode.name] = path
         findings.extend(lint_mode(mode, path))
     return findings, len(files)

@@ -157,6 +157,38 @@ def _run_check(args) -> int:
     return 1 if errors or (args.strict and warnings) else 0
 
 
+def _hooks_parser(sub) -> None:
+    p = sub.add_parser(
+        "hooks", help="list the hooks a mode spec can name, with their parameters",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the hook catalogue: each hook's name as a spec writes it, where it may be used "
+                    "(guard, effect, when, ready, role, start, state, ...), its parameters with their types, "
+                    "and what it checks. Without MODULE: the generic and common hooks, the ones YAML-only "
+                    "specs use.",
+        epilog="examples:\n"
+               "  macp-runtime hooks                 # generic + common\n"
+               "  macp-runtime hooks decision task   # the hooks of built-in modes\n"
+               "  macp-runtime hooks --all --json\n")
+    p.add_argument("modules", nargs="*", metavar="MODULE", help="hook modules to list")
+    p.add_argument("--all", action="store_true", help="every built-in hook module")
+    p.add_argument("--json", action="store_true", help="JSON instead of text")
+
+
+def _run_hooks(args) -> int:
+    import json
+
+    from .codegen.catalogue import all_modules, catalogue, format_text
+
+    known = all_modules()
+    unknown = [m for m in args.modules if m not in known]
+    if unknown:
+        print(f"unknown hook module(s) {', '.join(unknown)} (known: {', '.join(known)})", file=sys.stderr)
+        return 2
+    entries = catalogue(known if args.all else args.modules or None)
+    print(json.dumps(entries, indent=2, default=str) if args.json else format_text(entries))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="macp-runtime",
@@ -168,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _docs_parser(sub)
     _check_parser(sub)
+    _hooks_parser(sub)
     from .opcli import register
 
     register(sub)
@@ -179,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_docs(args)
     if args.command == "check":
         return _run_check(args)
+    if args.command == "hooks":
+        return _run_hooks(args)
     if hasattr(args, "func"):   # operator commands (sessions, modes, policies)
         return args.func(args)
     overrides = {k: v for k, v in vars(args).items() if k != "command"}

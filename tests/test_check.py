@@ -91,7 +91,7 @@ def test_cli_exit_status_and_format(tmp_path):
     fail = subprocess.run([sys.executable, "-m", "macp_runtime", "check", str(tmp_path)], capture_output=True, text=True)
     assert fail.returncode == 1
     line = next(l for l in fail.stdout.splitlines() if l.startswith(bad))
-    assert ": error: transitions[3].effects: hook 'nope' does not exist" in line
+    assert ": error: transitions[3].effects[0]: hook 'nope' does not exist" in line
     assert line.split(":")[1].isdigit()
     assert "2 spec(s) checked: 1 error(s)" in fail.stdout
 

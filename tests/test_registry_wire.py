@@ -225,7 +225,8 @@ def test_an_invalid_spec_is_refused_with_the_compilers_precise_error(stub):
     text = SIGNOFF_SPEC.replace("    from: [Signing]\n    to: Signing", "    from: [Sigining]\n    to: Signing")
     line = text.splitlines().index("    from: [Sigining]") + 1
     resp = register(stub, spec_descriptor(text=text))
-    assert (resp.ok, resp.error) == (False, f"<spec-yaml>:{line}: transitions[1].from: unknown phase 'Sigining'")
+    assert (resp.ok, resp.error) == (False, f"<spec-yaml>:{line}: transitions[1].from: unknown phase 'Sigining' "
+                                            "(known: Committed, Drafting, Signing; did you mean 'Signing'?)")
     resp = register(stub, spec_descriptor(text="mode: [unclosed"))
     assert not resp.ok and resp.error.startswith("<spec-yaml>:1: <root>: invalid YAML")
     resp = register(stub, spec_descriptor(text=SIGNOFF_SPEC.replace("version: 2.0.0", "version: 2.1.0")))

@@ -106,4 +106,4 @@ def test_example_specs_pass_the_linter():
     from macp_runtime.codegen.lint import lint_paths
 
     findings, count = lint_paths([SPECS])
-    assert count == 3 and findings == []
+    assert count == 4 and findings == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .context import HookContext, Reject
+from .contract import hook
 from .policy_rules import commitment_authority_allows
 
 # Unicode White_Space (what Rust's str::trim strips); str.strip() would also strip U+001C..U+001F.
@@ -17,6 +18,7 @@ def is_blank(text: str) -> bool:
 
 # --- roles -------------------------------------------------------------------------------------
 
+@hook("role", text="may commit under the bound policy's commitment authority (initiator by default)")
 def commitment_authority(session, sender: str) -> bool:
     """The policy-aware commitment authority of the standard modes."""
     return commitment_authority_allows(session.policy, session.initiator, session.participant_set, sender)
@@ -28,6 +30,7 @@ _NEGATIVE_SUFFIXES = ("rejected", "failed", "declined")
 _POSITIVE_SUFFIXES = ("selected", "accepted", "completed", "approved")
 
 
+@hook("guard", text="the Commitment carries the session's versions, the required fields and a consistent outcome")
 def commitment_matches_session(ctx: HookContext) -> bool:
     """§1.3: required fields, version binding to the session, supersedes shape, outcome sign."""
     c = ctx.payload
@@ -49,14 +52,17 @@ def commitment_matches_session(ctx: HookContext) -> bool:
     return True
 
 
+@hook("resolution")
 def commitment_payload(ctx: HookContext) -> bytes:
     """The Commitment payload, byte for byte."""
     return ctx.raw
 
 
+@hook("start", text="the session declares at least one participant")
 def participants_present(session) -> bool:
     return len(session.participants) > 0
 
 
+@hook("start", text="the initiator is one of the participants")
 def initiator_participates(session) -> bool:
     return session.initiator in session.participant_set

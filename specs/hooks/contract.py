@@ -43,9 +43,12 @@ USES: dict[str, tuple[str, str]] = {
 CTX_USES = ("guard", "effect", "when", "ready", "policy", "resolution")
 CONDITION_USES = ("guard", "when", "ready")
 
+# Comparison operators of the generic hooks -> the one they mean. Quote the symbols in YAML
+# (`op: ">"`: a bare `>` starts a folded block) or use the word forms (`op: gt`).
 OPERATORS = {
     ">": ">", ">=": "≥", "≥": "≥", "<": "<", "<=": "≤", "≤": "≤",
     "=": "=", "==": "=", "!=": "≠", "≠": "≠",
+    "gt": ">", "ge": "≥", "lt": "<", "le": "≤", "eq": "=", "ne": "≠",
 }
 
 # type name -> description (for messages and the catalogue)

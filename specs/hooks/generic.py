@@ -18,6 +18,7 @@ from .contract import CONDITION_USES, OPERATORS, hook
 _MISSING = object()
 
 
+@hook("state", text="a message log: who sent each message type, and the JSON payloads")
 def message_log(session) -> dict:
     """State: who sent each message type (in order), and the JSON payloads per type and sender."""
     return {"sent": {}, "values": {}, "last": {}, "all": {}}
