@@ -212,6 +212,9 @@ class _HookResolver:
             return importlib.import_module(f"{HOOKS_PACKAGE}.{ref}")
         except ImportError as exc:
             raise SpecError(self.ctx.file, "hooks", f"cannot load hook module {ref!r}: {exc}") from None
+        except Exception as exc:   # a user module that fails while loading: say so, no traceback
+            raise SpecError(self.ctx.file, "hooks",
+                            f"hook module {ref!r} failed to load: {type(exc).__name__}: {exc}") from None
 
     def find(self, name: str) -> tuple[Callable | None, str | None]:
         """(the hook, None), or (None, why not — with the known hooks and the nearest name)."""
@@ -706,10 +709,18 @@ def _branches(ctx: _Ctx, hooks: _HookResolver, node: dict, path: str, phase_name
 
 
 def load_modes(directories: list[str] | None = None) -> list[CompiledMode]:
-    """Compile every `*.yaml` spec of the built-in folder, then of each extra directory, in name order."""
+    """Compile every `*.yaml` spec of the built-in folder, then of each extra directory, in name order.
+
+    Raises SpecErrors with the problems of every file (not only the first file's first one)."""
     dirs = [SPECS_DIR] + list(directories or [])
     modes = []
+    problems: list[SpecError] = []
     for d in dirs:
         for path in sorted(glob.glob(os.path.join(d, "*.yaml"))):
-            modes.append(compile_spec(load_spec_file(path), path))
+            try:
+                modes.append(compile_spec(load_spec_file(path), path))
+            except SpecError as exc:
+                problems.extend(getattr(exc, "errors", [exc]))
+    if problems:
+        raise SpecErrors(problems)
     return modes

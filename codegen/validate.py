@@ -278,8 +278,12 @@ class _Checker:
             return
         given = {k: v for k, v in ref.items() if k != "hook"} if isinstance(ref, dict) else {}
         declared = sig.params
+        missing = [p for p, d in declared.items() if d.required and p not in given]
         for key, value in given.items():
             if key not in declared:
+                close = difflib.get_close_matches(str(key), missing, n=1, cutoff=0.6)
+                if close:   # a misspelt required parameter: one error, not two
+                    missing.remove(close[0])
                 self.err(parts + [key], f"hook {name!r} has no parameter {key!r}"
                                         f"{suggest(key, declared, 'parameters') if declared else ' (it takes none)'}")
                 continue
@@ -293,7 +297,6 @@ class _Checker:
                 self.phase(parts + [key], value)
             elif kind == "role":
                 self.role(parts + [key], value)
-        missing = [p for p, d in declared.items() if d.required and p not in given]
         for p in missing:
             self.err(where if isinstance(ref, dict) else parts,
                      f"hook {name!r} needs parameter {p!r} ({PARAM_TYPES[declared[p].type]}); write "

@@ -119,7 +119,8 @@ def _run_docs(args) -> int:
     try:
         modes = load_modes(args.specs_dirs)
     except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for problem in getattr(exc, "errors", [exc]):
+            print(f"error: {problem}", file=sys.stderr)
         return 1
     for path in write(modes, args.out, svg=args.svg):
         print(path)

@@ -45,6 +45,10 @@ class ModeRegistry:
         self._modes: dict[str, CompiledMode] = {}
         for mode in modes:
             # A later directory may override an earlier spec of the same mode name.
+            replaced = self._modes.get(mode.name)
+            if replaced is not None:
+                log.warning("mode %s from %s overrides the spec from %s", mode.name, mode.source, replaced.source,
+                            extra={"fields": {"mode": mode.name, "spec": mode.source, "overridden": replaced.source}})
             self._modes[mode.name] = mode
         # What makes a mode differ from the spec files: registry key -> persisted entry, one of
         #   {"name", "builtin": <spec-file mode name>, "standards_track": true}      (a promoted built-in)

@@ -17,6 +17,7 @@ import time
 
 from .auth import AuthConfigError, build_authenticator
 from . import __version__
+from .codegen import SpecError
 from .config import Config
 from .logs import mask
 from .metrics import Metrics
@@ -77,7 +78,12 @@ class Runtime:
         prof.list_sessions_default_page_size = cfg.list_sessions_default_page_size
         prof.list_sessions_max_page_size = cfg.list_sessions_max_page_size
         log.info("protocol profile: %s (semantics_rev %d)", prof.name, prof.semantics_rev)
-        modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs, prof)
+        try:
+            modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs, prof)
+        except SpecError as exc:   # one line per problem, every file (codegen/validate.py)
+            for problem in getattr(exc, "errors", [exc]):
+                log.error("mode spec: %s", problem)
+            raise StartupError("the mode specs above have problems (macp-runtime check shows the same)") from None
         postgres = cfg.storage_backend == "postgres" and not cfg.memory_only
         if postgres:
             self.store = open_store(False, backend="postgres", database_url=cfg.database_url,
