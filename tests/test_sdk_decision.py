@@ -82,11 +82,14 @@ def test_sdk_surfaces_runtime_rejections(client, raw_metadata):
     session = started(client, participants=("alice", "bob"))  # coordinator does not participate
     with pytest.raises(MacpAckError) as info:
         session.propose("p1", "deploy v2")
-    assert (info.value.failure.code, info.value.failure.message) == ("FORBIDDEN", "Forbidden")
+    # issue 15: the message is "<display name>: <reason>", and the exception's text shows it
+    assert (info.value.failure.code, info.value.failure.message) == ("FORBIDDEN", "Forbidden: 'coordinator' may not send Proposal")
+    assert str(info.value) == "FORBIDDEN: Forbidden: 'coordinator' may not send Proposal"
 
     with pytest.raises(MacpAckError) as info:
         session.commit(action="deployment.approved", authority_scope="release", reason="too early")
-    assert (info.value.failure.code, info.value.failure.message) == ("INVALID_ENVELOPE", "InvalidPayload")
+    assert (info.value.failure.code, info.value.failure.message.partition(":")[0]) == ("INVALID_ENVELOPE", "InvalidPayload")
+    assert "not accepted in phase" in info.value.failure.message or "not ready" in info.value.failure.message
 
     assert session.propose("p1", "deploy v2", auth=ALICE).ok
     with pytest.raises(MacpAckError) as info:
