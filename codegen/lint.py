@@ -133,7 +133,8 @@ def lint_paths(paths: list[str]) -> tuple[list[Finding], int]:
         if mode.name in seen_modes:
             findings.append(Finding("warning", path, _line(spec, "mode"), "mode",
                                     f"mode {mode.name!r} is also defined in {seen_modes[mode.name]}; the later one wins"))
-        elif mode.name in builtins and os.path.abspath(path) != os.path.abspath(builtins[mode.name]):
+        elif mode.name in builtins and not os.path.abspath(path).startswith(os.path.join(SPECS_DIR, "")):
+            # (the built-in folder's own profile overlays, specs/current/, are not user overrides)
             findings.append(Finding("warning", path, _line(spec, "mode"), "mode",
                                     f"mode {mode.name!r} overrides the built-in spec {os.path.basename(builtins[mode.name])} "
                                     "when served with --specs-dir"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import re
 import threading
 
@@ -22,6 +23,7 @@ from google.protobuf import json_format
 from macp.v1 import core_pb2
 
 from .broadcast import Broadcaster
+from .specs import SPECS_DIR
 from .codegen import CompiledMode, SpecError, compile_spec, load_modes, load_spec_text
 from .session import now_ms
 from .specs.hooks.common import is_blank
@@ -39,6 +41,10 @@ PROMOTED_POSITION = 1_000_000   # promoted modes list after the five standard on
 _HOOK_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _is_builtin_file(path: str) -> bool:
+    return os.path.abspath(path).startswith(os.path.join(SPECS_DIR, ""))
+
+
 class ModeRegistry:
     def __init__(self, modes: list[CompiledMode]):
         self._lock = threading.RLock()
@@ -46,7 +52,7 @@ class ModeRegistry:
         for mode in modes:
             # A later directory may override an earlier spec of the same mode name.
             replaced = self._modes.get(mode.name)
-            if replaced is not None:
+            if replaced is not None and not _is_builtin_file(mode.source):   # not the profile overlay
                 log.warning("mode %s from %s overrides the spec from %s", mode.name, mode.source, replaced.source,
                             extra={"fields": {"mode": mode.name, "spec": mode.source, "overridden": replaced.source}})
             self._modes[mode.name] = mode

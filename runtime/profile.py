@@ -91,6 +91,10 @@ class Profile:
     after_sequence_ordinals: bool = _doc("StreamSession `after_sequence` = 1-based accepted-envelope ordinal, "
                                          "exclusive (v0.4.0: raw log index)")
     features: dict = dataclasses.field(default_factory=dict)   # served optional RPCs (receipts, what-if)
+    # issue 15: a refusal's Ack says why — error.message "<display name>: <reason>", error.details
+    # {"reason": ...} (POLICY_DENIED keeps its members and adds it), inline stream frames carry the same
+    # details. Off under v0.4.0, which answers exactly as the reference (display name, empty details).
+    refusal_reasons: bool = False
     list_sessions_default_page_size: int = 100
     list_sessions_max_page_size: int = 1000
 
@@ -125,8 +129,22 @@ class Profile:
             out += ((ERROR_DETAILS_TRAILER, details),)
         return out
 
-    def denial_details(self, reasons: list) -> bytes:
-        """Ack.error.details of POLICY_DENIED (§3.4): `{"reasons":[…]}`, plus `denials` under current."""
+    def error_message(self, exc) -> str:
+        """Ack.error.message of a MacpError."""
+        return exc.message if self.refusal_reasons else exc.display_name
+
+    def error_details(self, exc, inline: bool = False) -> bytes:
+        """Ack.error.details of a MacpError (`inline`: of a StreamSession error frame, which under
+        v0.4.0 carries none)."""
+        if not self.refusal_reasons:
+            return b"" if inline else (self.denial_details(exc.reasons) if exc.kind.code == "POLICY_DENIED" else b"")
+        if exc.kind.code == "POLICY_DENIED":
+            return self.denial_details(exc.reasons, exc.reason)
+        return exc.details
+
+    def denial_details(self, reasons: list, reason: str = "") -> bytes:
+        """Ack.error.details of POLICY_DENIED (§3.4): `{"reasons":[…]}`, plus `denials` under current
+        (and `reason`, the reasons as one text, with refusal reasons on)."""
         doc: dict = {"reasons": [str(r) for r in reasons]}
         if self.structured_denials:
             denials = []
@@ -137,6 +155,8 @@ class Profile:
                     item["participants"] = list(participants)
                 denials.append(item)
             doc["denials"] = denials
+        if reason and self.refusal_reasons:
+            doc["reason"] = reason
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     # -- per-session rules ----------------------------------------------------------------------------
@@ -163,7 +183,7 @@ def v040() -> Profile:
 
 def current() -> Profile:
     return Profile(name="current", semantics_rev=4, runtime_version="0.9.0", spec_overlay="current",
-                   error_trailer=True, structured_denials=True,
+                   error_trailer=True, structured_denials=True, refusal_reasons=True,
                    empty_roster_modes=frozenset({"macp.mode.decision.v1"}),   # RFC-MACP-0007 1.3.0 §2
                    session_id_rule="only UUID-shaped ids must be lowercase v4/v7; else base64url, 22-128 chars",
                    honour_max_suspend_ms=True, roots_list_changed=False,

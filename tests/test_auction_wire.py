@@ -25,9 +25,25 @@ OPEN, RESOLVED = 1, 2
 def server(tmp_path_factory):
     from conftest import ServerProcess
 
-    srv = ServerProcess(str(tmp_path_factory.mktemp("auction") / "data"), env={"MACP_SPECS_DIR": SPECS}).start()
+    # the default profile, `current`, sends refusal reasons (v0.4.0 answers exactly as the reference: below)
+    srv = ServerProcess(str(tmp_path_factory.mktemp("auction") / "data"),
+                        env={"MACP_SPECS_DIR": SPECS, "MACP_PROTOCOL_PROFILE": "current"}).start()
     yield srv
     srv.kill()
+
+
+def test_under_v040_refusals_are_exactly_the_references(tmp_path):
+    from conftest import ServerProcess
+
+    srv = ServerProcess(str(tmp_path / "data"), env={"MACP_SPECS_DIR": SPECS, "MACP_PROTOCOL_PROFILE": "v0.4.0"}).start()
+    try:
+        a = Auction(srv.stub())
+        assert a.send("ana", "Bid", js({"amount": 10})).ok
+        ack = a.send("ana", "Bid", js({"amount": 11}))
+        assert (ack.ok, ack.error.code, ack.error.message, ack.error.details) == (False, "INVALID_ENVELOPE",
+                                                                                  "InvalidPayload", b"")
+    finally:
+        srv.kill()
 
 
 def js(obj) -> bytes:

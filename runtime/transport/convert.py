@@ -5,7 +5,7 @@ from __future__ import annotations
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
 from ..engine import Accepted, Outcome, record_envelope
-from ..errors import Kind, MacpError
+from ..errors import MacpError
 from ..session import Session, now_ms
 
 _Event = core_pb2.SessionLifecycleEvent
@@ -20,11 +20,13 @@ def ok_ack(outcome: Outcome, message_id: str, session_id: str) -> envelope_pb2.A
 
 
 def error_ack(exc: MacpError, message_id: str, session_id: str, profile=None) -> envelope_pb2.Ack:
-    """`profile` (runtime/profile.py) shapes POLICY_DENIED details (`denials` under current)."""
-    details = profile.denial_details(exc.reasons) if profile is not None and exc.kind is Kind.PolicyDenied \
-        else exc.details
+    """`profile` (runtime/profile.py) shapes the message and details (reasons, `denials` under current)."""
+    if profile is not None:
+        message, details = profile.error_message(exc), profile.error_details(exc)
+    else:
+        message, details = exc.message, exc.details
     return _Ack(ok=False, message_id=message_id, session_id=session_id, accepted_at_unix_ms=now_ms(),
-                error=_MACPError(code=exc.code, message=exc.message, session_id=session_id,
+                error=_MACPError(code=exc.code, message=message, session_id=session_id,
                                  message_id=message_id, details=details))
 
 

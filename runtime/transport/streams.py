@@ -206,7 +206,7 @@ class StreamHandler:
         try:
             t.admission.check_shape(env)
         except MacpError as exc:
-            return [_inline_or_end(exc, stream)]
+            return [_inline_or_end(exc, stream, engine.profile)]
         if is_blank(env.session_id):
             raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, "StreamSession requires a non-empty session_id")
         if is_blank(env.mode):
@@ -248,7 +248,7 @@ class StreamHandler:
                 await t.offload(engine.process_message, env, identity)
         except MacpError as exc:
             engine.metrics.send_done(env.mode, mtype, exc.code, None)
-            return [_inline_or_end(exc, stream)]
+            return [_inline_or_end(exc, stream, engine.profile)]
         engine.metrics.send_done(env.mode, mtype, "", None)
         return []   # success: the accepted envelope comes back through the session's channel
 
@@ -341,9 +341,11 @@ def _replay_after_ordinal(records, after: int, session, session_id: str) -> list
     return [history_frame(r) for r in accepted[max(after - base, 0):]]
 
 
-def _inline_or_end(exc: MacpError, stream: SessionStream):
-    """runtime.md §7.4: the error as a status; terminal codes end the stream, the rest are frames."""
+def _inline_or_end(exc: MacpError, stream: SessionStream, profile=None):
+    """runtime.md §7.4: the error as a status; terminal codes end the stream, the rest are frames
+    (with the Ack's details when the profile sends refusal reasons)."""
     code, message = error_status(exc)
     if code in TERMINAL_CODES:
         raise _Terminate(code, message)
-    return inline_error(message, stream.bound or "", exc.details)
+    details = profile.error_details(exc, inline=True) if profile is not None else b""
+    return inline_error(message, stream.bound or "", details)
