@@ -8,14 +8,17 @@ what the runtime enforces. Diagrams are Mermaid (rendered by common code hosts);
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
 import shutil
 import subprocess
 
 import jinja2
 from google.protobuf.descriptor import FieldDescriptor
 
-from .compiler import CompiledMode, _message_class
+from ..specs import SPECS_DIR
+from .compiler import CompiledMode, _message_class, hook_text
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
@@ -58,8 +61,24 @@ _TYPE_NAMES = {v: k[5:].lower() for k, v in vars(FieldDescriptor).items() if k.s
 
 
 def _doc(fn) -> str:
-    text = inspect.getdoc(fn) or ""
-    return text.split("\n\n")[0].replace("\n", " ").rstrip(".")
+    """What a hook checks, with its parameters filled in (its declared text, else its docstring)."""
+    text = hook_text(fn) if fn is not None else ""
+    if not text:
+        text = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+    return text.rstrip(".")
+
+
+REPO_ROOT = os.path.dirname(SPECS_DIR)
+
+
+def spec_path(source: str) -> str:
+    """Where the spec lives, as a reader finds it: relative to the repository when inside it."""
+    full = os.path.abspath(source)
+    for base in (REPO_ROOT, os.getcwd()):
+        rel = os.path.relpath(full, base)
+        if not rel.startswith(".."):
+            return rel.replace(os.sep, "/")
+    return full
 
 
 PAYLOAD_TEXT = {
@@ -142,12 +161,19 @@ def mode_context(mode: CompiledMode) -> dict:
             "resolution_text": (_doc(t.resolution) if t.resolution else "the Commitment payload").rstrip("."),
         })
     unlisted = (spec.get("unlisted_messages") or {}).get("senders", [])
-    payloads = [{"message": m, "type": b.type_name, "fields": _fields(b.type_name),
-                 "decoder": PAYLOAD_TEXT.get(b.type_name) or (_doc(b.decode) if b.type_name.startswith("hook:") else "")}
-                for m, b in mode.payloads.items()]
+    payloads = []
+    for m, b in mode.payloads.items():
+        node = (spec.get("payloads") or {}).get(m)
+        described = node if isinstance(node, dict) and "type" in node else {}
+        json_fields = [{"name": n, "type": (d or {}).get("type", "any"), "required": bool((d or {}).get("required")),
+                        "description": (d or {}).get("description", "")}
+                       for n, d in (described.get("fields") or {}).items()]
+        payloads.append({"message": m, "type": b.type_name, "fields": _fields(b.type_name), "json_fields": json_fields,
+                         "description": described.get("description", ""),
+                         "decoder": PAYLOAD_TEXT.get(b.type_name) or (_doc(b.decode) if b.type_name.startswith("hook:") else "")})
     start_checks = [{"name": getattr(c, "__name__", "check"), "text": _doc(c)} for c in mode.start_checks]
     return {
-        "mode": mode, "d": mode.descriptor, "spec_file": os.path.basename(mode.source),
+        "mode": mode, "d": mode.descriptor, "spec_file": spec_path(mode.source),
         "roles": roles, "rows": rows, "payloads": payloads, "start_checks": start_checks,
         "unlisted": unlisted, "phases": mode.phases, "initial": mode.initial_phase,
         "policy_rows": _schema_rows(mode.policy_schema) if mode.policy_schema else [],
@@ -169,9 +195,17 @@ def _resolve_role(mode: CompiledMode, name: str):
     return None
 
 
-def mermaid(mode: CompiledMode) -> str:
-    """A Mermaid state diagram: one edge per (from, to) pair, labelled with its message types."""
-    edges: dict[tuple[str, str], dict[str | None, list[str]]] = {}
+_MERMAID_ESCAPES = {"#": "#35;", ";": "#59;"}
+
+
+def mermaid_label(text: str) -> str:
+    """A transition label Mermaid reads as text: `;` would end the statement, `#` start an entity code."""
+    return re.sub(r"[#;]", lambda m: _MERMAID_ESCAPES[m.group()], text)
+
+
+def edges(mode: CompiledMode) -> list[tuple[str, str, str]]:
+    """(from, to, label) per (from, to) pair of the compiled machine; the label lists its message types."""
+    grouped: dict[tuple[str, str], dict[str | None, list[str]]] = {}
     seen = set()
     for by_phase in mode.transitions.values():
         for t in by_phase.values():
@@ -180,13 +214,22 @@ def mermaid(mode: CompiledMode) -> str:
             seen.add(id(t))
             for src in sorted(t.sources, key=mode.phases.index):
                 for b in t.branches:
-                    edges.setdefault((src, b.phase), {}).setdefault(b.when_name, []).append(t.message)
-    lines = ["stateDiagram-v2", f"    [*] --> {mode.initial_phase}"]
-    for (src, dst), by_when in edges.items():
-        label = "; ".join(", ".join(msgs) + (f" [{when}]" if when else "") for when, msgs in by_when.items())
-        lines.append(f"    {src} --> {dst} : {label}")
+                    grouped.setdefault((src, b.phase), {}).setdefault(b.when_name, []).append(t.message)
+    return [(src, dst, "; ".join(", ".join(msgs) + (f" [{when}]" if when else "") for when, msgs in by_when.items()))
+            for (src, dst), by_when in grouped.items()]
+
+
+def terminal_phases(mode: CompiledMode) -> list[str]:
     terminal = {b.phase for by in mode.transitions.values() for t in by.values() if t.commit for b in t.branches}
-    for phase in sorted(terminal, key=mode.phases.index):
+    return sorted(terminal, key=mode.phases.index)
+
+
+def mermaid(mode: CompiledMode) -> str:
+    """A Mermaid state diagram: one edge per (from, to) pair, labelled with its message types."""
+    lines = ["stateDiagram-v2", f"    [*] --> {mode.initial_phase}"]
+    for src, dst, label in edges(mode):
+        lines.append(f"    {src} --> {dst} : {mermaid_label(label)}")
+    for phase in terminal_phases(mode):
         lines.append(f"    {phase} --> [*]")
     return "\n".join(lines)
 
@@ -215,16 +258,33 @@ def render(modes: list[CompiledMode]) -> dict[str, str]:
     return pages
 
 
-def write(modes: list[CompiledMode], out_dir: str, svg: bool = False) -> list[str]:
-    """Write the pages (and, if asked and Graphviz is installed, SVG diagrams). Returns the paths."""
+class GraphvizMissing(RuntimeError):
+    pass
+
+
+def write(modes: list[CompiledMode], out_dir: str, svg: bool = False, reference_dir: str | None = None) -> list[str]:
+    """Write the mode pages (and SVG diagrams when asked: Graphviz `dot` must be on the PATH, else
+    GraphvizMissing before anything is written) and, with `reference_dir`, the format reference
+    (spec-format.md, hooks.md, spec-schema.json). Returns the paths written."""
+    if svg and not shutil.which("dot"):
+        raise GraphvizMissing("--svg needs Graphviz: the `dot` program is not on the PATH "
+                              "(install the graphviz package, or leave out --svg)")
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for name, text in render(modes).items():
+    files = dict(render(modes))
+    for name, text in files.items():
         path = os.path.join(out_dir, name)
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)
         written.append(path)
-    if svg and shutil.which("dot"):
+    if reference_dir is not None:
+        os.makedirs(reference_dir, exist_ok=True)
+        for name, text in render_reference().items():
+            path = os.path.join(reference_dir, name)
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            written.append(path)
+    if svg:
         for mode in modes:
             path = os.path.join(out_dir, page_name(mode)[:-3] + ".svg")
             subprocess.run(["dot", "-Tsvg", "-o", path], input=graphviz(mode).encode(), check=True)
@@ -233,14 +293,112 @@ def write(modes: list[CompiledMode], out_dir: str, svg: bool = False) -> list[st
 
 
 def graphviz(mode: CompiledMode) -> str:
+    def q(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', '\\"')
+
     lines = ["digraph mode {", "  rankdir=LR;", '  node [shape=box, style=rounded];',
-             '  start [shape=point];', f'  start -> "{mode.initial_phase}";']
-    for line in mermaid(mode).splitlines()[2:]:
-        src, _, rest = line.strip().partition(" --> ")
-        dst, _, label = rest.partition(" : ")
-        if dst == "[*]":
-            lines.append(f'  "{src}" [peripheries=2];')
-        else:
-            lines.append(f'  "{src}" -> "{dst}" [label="{label}"];')
+             '  start [shape=point];', f'  start -> "{q(mode.initial_phase)}";']
+    for src, dst, label in edges(mode):
+        lines.append(f'  "{q(src)}" -> "{q(dst)}" [label="{q(label)}"];')
+    for phase in terminal_phases(mode):
+        lines.append(f'  "{q(phase)}" [peripheries=2];')
     lines.append("}")
     return "\n".join(lines)
+
+
+# --- the format reference: every key of the spec schema, and the hook catalogue ---------------------
+
+def _schema_rows_of(node: dict, root: dict, path: str, rows: list, depth: int = 0) -> None:
+    """One row per key of the schema, depth first, following $refs (each definition once per path)."""
+    def deref(n):
+        while isinstance(n, dict) and "$ref" in n:
+            n = root["$defs"][n["$ref"].rsplit("/", 1)[1]]
+        return n
+
+    node = deref(node)
+    props = node.get("properties") or {}
+    required = set(node.get("required") or [])
+    for key, sub in props.items():
+        desc = sub.get("description") or deref(sub).get("description", "")
+        full = deref(sub)
+        rows.append({"key": f"{path}{key}", "type": _schema_type(sub, root), "required": key in required,
+                     "default": full.get("default", sub.get("default")), "description": desc})
+        if depth < 4:
+            if full.get("properties"):
+                _schema_rows_of(full, root, f"{path}{key}.", rows, depth + 1)
+            items = deref(full.get("items") or {})
+            if full.get("type") == "array" and items.get("properties"):
+                _schema_rows_of(items, root, f"{path}{key}[].", rows, depth + 1)
+            for alt in full.get("oneOf") or []:
+                alt = deref(alt)
+                if alt.get("type") == "array" and deref(alt.get("items") or {}).get("properties"):
+                    _schema_rows_of(deref(alt["items"]), root, f"{path}{key}[].", rows, depth + 1)
+            extra = full.get("additionalProperties")
+            if isinstance(extra, dict) and deref(extra).get("properties"):
+                _schema_rows_of(deref(extra), root, f"{path}{key}.<name>.", rows, depth + 1)
+            elif isinstance(extra, dict):
+                for alt in deref(extra).get("oneOf") or []:
+                    if deref(alt).get("properties"):
+                        _schema_rows_of(deref(alt), root, f"{path}{key}.<name>.", rows, depth + 1)
+
+
+_REF_TYPES = {"hookRef": "hook", "hookRefs": "hook or list of hooks", "names": "name or list of names"}
+
+
+def _schema_type(node: dict, root: dict) -> str:
+    ref = node.get("$ref", "").rsplit("/", 1)[-1]
+    if ref in _REF_TYPES:
+        return _REF_TYPES[ref]
+    if ref:
+        return _schema_type(root["$defs"][ref], root)
+    if "const" in node:
+        return f"`{json.dumps(node['const'])}`"
+    if "enum" in node:
+        return " | ".join(f"`{v}`" for v in node["enum"])
+    if "oneOf" in node:
+        parts = []
+        for alt in node["oneOf"]:
+            while "$ref" in alt:
+                name = alt["$ref"].rsplit("/", 1)[1]
+                alt = root["$defs"][name]
+                if name in ("hookRef",):
+                    parts.append("hook")
+                    break
+            else:
+                parts.append(_schema_type(alt, root))
+        return " or ".join(dict.fromkeys(parts))
+    t = node.get("type")
+    if isinstance(t, list):
+        return " or ".join(t)
+    if t == "array":
+        return "list"
+    if t == "object":
+        extra = node.get("additionalProperties")
+        return "mapping" if extra in (None, False) else "mapping of name → value"
+    if t is None and "hook" in (node.get("description") or "").lower():
+        return "hook"
+    return t or "any"
+
+
+def render_reference() -> dict[str, str]:
+    """spec-format.md (every key), hooks.md (the catalogue), spec-schema.json (the published schema)."""
+    from .catalogue import GENERAL_MODULES, all_modules, catalogue, example
+    from .validate import schema
+    from ..specs.hooks.contract import OPERATORS, PARAM_TYPES, USES
+
+    root = schema()
+    rows: list = []
+    _schema_rows_of(root, root, "", rows)
+    env = _env()
+    general = catalogue(list(GENERAL_MODULES))
+    mode_modules = [m for m in all_modules() if m not in GENERAL_MODULES]
+    for entry in general:
+        entry["example"] = example(entry)
+        entry["reads"] = re.sub(r"\{(\w+)\}", r"<\1>", entry["text"])
+    return {
+        "spec-format.md": env.get_template("spec-format.md.j2").render(rows=rows, schema=root),
+        "hooks.md": env.get_template("hooks.md.j2").render(
+            hooks=general, uses=USES, param_types=PARAM_TYPES, operators=sorted(set(OPERATORS)),
+            mode_modules=mode_modules),
+        "spec-schema.json": json.dumps(root, indent=2, ensure_ascii=False) + "\n",
+    }

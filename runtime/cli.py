@@ -109,12 +109,19 @@ def _docs_parser(sub) -> None:
     p.add_argument("--out", default="docs/modes", metavar="DIR", help="output directory (default docs/modes)")
     p.add_argument("--specs-dir", dest="specs_dirs", action="append", default=[], metavar="DIR",
                    help="extra directory of mode specs, repeatable")
-    p.add_argument("--svg", action="store_true", help="also write an SVG diagram per mode (needs Graphviz `dot`)")
+    p.add_argument("--svg", action="store_true",
+                   help="also write an SVG diagram per mode (needs Graphviz `dot`; without it: exit 1, nothing written)")
+    p.add_argument("--reference-out", metavar="DIR",
+                   help="where the format reference goes: spec-format.md, hooks.md, spec-schema.json "
+                        "(default: the parent of --out when it is a folder named modes, as docs/ for docs/modes; "
+                        "else --out itself)")
 
 
 def _run_docs(args) -> int:
+    import os
+
     from .codegen import SpecError, load_modes
-    from .codegen.docs import write
+    from .codegen.docs import GraphvizMissing, write
 
     try:
         modes = load_modes(args.specs_dirs)
@@ -122,7 +129,14 @@ def _run_docs(args) -> int:
         for problem in getattr(exc, "errors", [exc]):
             print(f"error: {problem}", file=sys.stderr)
         return 1
-    for path in write(modes, args.out, svg=args.svg):
+    out = os.path.abspath(args.out)
+    reference = args.reference_out or (os.path.dirname(out) if os.path.basename(out) == "modes" else out)
+    try:
+        paths = write(modes, args.out, svg=args.svg, reference_dir=reference)
+    except GraphvizMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
         print(path)
     return 0
 
