@@ -1,7 +1,7 @@
 """A mode's phase diagram as SVG, drawn here from the compiled spec (no JavaScript library, no CDN).
 
-The edges are exactly those of the Mermaid diagram `macp-runtime docs` writes (`codegen.docs.mermaid`
-is parsed, as its Graphviz output is), so the console and the generated docs cannot disagree. Phases
+The edges are exactly those of the Mermaid diagram `macp-runtime docs` writes (`codegen.docs.edges`,
+which its Mermaid and Graphviz output are made of), so the console and the generated docs cannot disagree. Phases
 stand in one row in spec order: the step to the next phase is a straight arrow, longer steps forward
 arc above the row, steps back arc below it, a phase to itself is a loop. Every node and edge carries
 `data-` attributes so the page can mark the current phase and the path a session took; labels too
@@ -11,11 +11,9 @@ is also the diagram's text alternative.
 from __future__ import annotations
 
 import html
-import re
 
-from ..codegen.docs import mermaid
+from ..codegen.docs import edges, terminal_phases
 
-_EDGE = re.compile(r"^\s*(\S+)\s+-->\s+(\S+)(?:\s+:\s+(.*))?$")
 NODE_H = 40
 GAP = 96
 CHAR_W = 7.6
@@ -25,20 +23,9 @@ TOP = 30
 
 def phase_graph(mode) -> dict:
     """{phases, initial, terminal, edges: [{from, to, label}]} of a compiled mode."""
-    edges, terminal = [], []
-    initial = mode.initial_phase
-    for line in mermaid(mode).splitlines()[1:]:
-        m = _EDGE.match(line)
-        if not m:
-            continue
-        src, dst, label = m.group(1), m.group(2), (m.group(3) or "").strip()
-        if src == "[*]":
-            initial = dst
-        elif dst == "[*]":
-            terminal.append(src)
-        else:
-            edges.append({"from": src, "to": dst, "label": label})
-    return {"phases": list(mode.phases), "initial": initial, "terminal": terminal, "edges": edges}
+    # the Mermaid diagram's edges and labels, before Mermaid's escaping (`#59;` for `;`)
+    return {"phases": list(mode.phases), "initial": mode.initial_phase, "terminal": terminal_phases(mode),
+            "edges": [{"from": src, "to": dst, "label": label} for src, dst, label in edges(mode)]}
 
 
 def _esc(text: str) -> str:
