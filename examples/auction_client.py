@@ -13,6 +13,7 @@ closed, a bid after closing, and an award to someone who did not bid.
 Exit status 0 when every answer is as expected and the session ends RESOLVED.
 """
 # macp-example: server-env MACP_SPECS_DIR=examples/specs
+# macp-example: server-env MACP_PROTOCOL_PROFILE=current
 from __future__ import annotations
 
 import json

@@ -206,3 +206,12 @@ def test_overriding_a_builtin_is_logged(tmp_path):
         assert "macp.mode.task.v1" in line and "mine.yaml" in line and "task.yaml" in line
     finally:
         srv.kill()
+
+
+def test_one_version_source():
+    from importlib import metadata
+
+    import macp_runtime
+
+    out = subprocess.run([sys.executable, "-m", "macp_runtime", "--version"], capture_output=True, text=True)
+    assert out.stdout.strip() == f"macp-runtime {metadata.version('macp-runtime')}" == f"macp-runtime {macp_runtime.__version__}"

@@ -408,9 +408,10 @@ def test_empty_policy_version_binds_default(stub):
 
 def assert_denied(ack, reasons):
     assert (ack.ok, ack.duplicate, ack.session_state) == (False, False, envelope_pb2.SESSION_STATE_UNSPECIFIED)
-    assert (ack.error.code, display_name(ack.error)) == ("POLICY_DENIED", "PolicyDenied")
-    assert ack.error.details == json.dumps({"reasons": reasons, "reason": "; ".join(reasons)},
-                                           separators=(",", ":"), ensure_ascii=False).encode()
+    # v0.4.0 profile: exactly the reference (the current profile adds "reason"; tests/test_auction_wire.py)
+    assert (ack.error.code, ack.error.message) == ("POLICY_DENIED", "PolicyDenied")
+    assert ack.error.details == json.dumps({"reasons": reasons}, separators=(",", ":"),
+                                           ensure_ascii=False).encode()
 
 
 class Run:
