@@ -130,8 +130,9 @@ def test_inline_stream_errors_carry_the_same_details(server):
         frame = d.recv()
         assert frame.HasField("error"), frame
         err = frame.error
-        # v0.4.0's inline code/message stay the display name; the details are the Ack's.
-        assert (err.code, err.message, err.session_id) == ("InvalidPayload", "InvalidPayload", a.sid)
+        # under the current profile an inline frame carries what the Ack's error would (current.md §8.4)
+        assert (err.code, err.message, err.session_id) == (
+            "INVALID_ENVELOPE", "InvalidPayload: each participant bids exactly once", a.sid)
         assert json.loads(err.details) == {"reason": "each participant bids exactly once"}
     finally:
         d.close()
