@@ -95,7 +95,7 @@ class _Final:
 
 def _refused(exc: MacpError, state: int, profile) -> _Outcome:
     """The code and details the Ack would carry (POLICY_DENIED details shaped as this process's Acks)."""
-    details = profile.denial_details(exc.reasons) if exc.kind is Kind.PolicyDenied else exc.details
+    details = profile.error_details(exc)
     return _Outcome(REFUSED, state, exc.code, details)
 
 
@@ -131,7 +131,8 @@ def _replay(engine, records, policy: BoundPolicy, recorded_id: str) -> tuple[lis
                 plan = session.compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
                                                  rec.timestamp_unix_ms)
             except Reject as exc:
-                err = MacpError(Kind[exc.kind], reasons=exc.reasons, detail=exc.detail or str(exc))
+                err = MacpError(Kind[exc.kind], reasons=exc.reasons, detail=exc.detail or str(exc),
+                                reason=exc.detail or "; ".join(exc.reasons))   # as the engine's Ack
                 outcomes.append(_refused(err, session.status, engine.profile))
                 continue
             session.seen.add(rec.message_id)

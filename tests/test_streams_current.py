@@ -12,7 +12,7 @@ import pytest
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
-from conftest import bearer, commitment, envelope, new_session_id, send, start_payload
+from conftest import bearer, commitment, display_name, envelope, new_session_id, send, start_payload
 from streamkit import Duplex
 
 PROFILE = "current"
@@ -86,7 +86,9 @@ def test_inline_errors_carry_the_ack_fields_and_keep_the_stream_open(stub):
     for env, code, message in cases:
         d.send(env)
         err = inline(d.recv())
-        assert (err.code, err.message, err.session_id, err.message_id) == (code, message, sid, env.message_id)
+        # message: the display name, then the reason (issue 15), which details carry too
+        assert (err.code, display_name(err), err.session_id, err.message_id) == (code, message, sid, env.message_id)
+        assert err.message.startswith(f"{message}: ") and json.loads(err.details)["reason"]
     ok = proposal(sid, "p1")
     d.send(ok)
     assert ids(d.recv_n(1)) == [ok.message_id]
