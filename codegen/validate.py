@@ -227,6 +227,11 @@ class _Refs:
         self.roles = list(BUILTIN_ROLES) + [r for r in roles if r not in BUILTIN_ROLES]
         payloads = spec.get("payloads") if isinstance(spec.get("payloads"), dict) else {}
         self.payloads = set(payloads)
+        # message type -> the field names its JSON payload describes (only payloads that describe some)
+        self.json_fields: dict[str, list[str]] = {}
+        for msg, ref in payloads.items():
+            if isinstance(ref, dict) and ref.get("type") == "json" and isinstance(ref.get("fields"), dict) and ref["fields"]:
+                self.json_fields[msg] = [str(f) for f in ref["fields"]]
 
 
 def _names(value) -> list:
@@ -259,8 +264,19 @@ class _Checker:
         if isinstance(name, str) and name not in self.refs.roles:
             self.err(parts, f"unknown role {name!r}{suggest(name, self.refs.roles)}")
 
-    def hook(self, parts: list, ref, use: str) -> None:
-        """One hook reference used as `use`: exists, usable there, parameters complete and typed."""
+    def field(self, parts: list, name, msg) -> None:
+        """A payload field named by a hook: one the message's JSON payload describes, when it describes any."""
+        known = self.refs.json_fields.get(msg) if isinstance(msg, str) else None
+        if known is None or not isinstance(name, str):
+            return
+        top = name.split(".")[0]
+        if top not in known:
+            self.err(parts, f"payload field {top!r} is not among the fields payloads.{msg} describes"
+                            f"{suggest(top, known)}")
+
+    def hook(self, parts: list, ref, use: str, msg=None) -> None:
+        """One hook reference used as `use` (on message type `msg`, when it judges one): exists, usable
+        there, parameters complete and typed, names declared."""
         if self.find_hook is None:
             return
         name = ref.get("hook") if isinstance(ref, dict) else ref
@@ -297,6 +313,13 @@ class _Checker:
                 self.phase(parts + [key], value)
             elif kind == "role":
                 self.role(parts + [key], value)
+            elif kind == "field":
+                self.field(parts + [key], value, msg)
+            elif kind == "fields":
+                for v in value:
+                    self.field(parts + [key], v, msg)
+            elif kind == "message_field":
+                self.field(parts + [key], value, given.get("message"))
         for p in missing:
             self.err(where if isinstance(ref, dict) else parts,
                      f"hook {name!r} needs parameter {p!r} ({PARAM_TYPES[declared[p].type]}); write "
@@ -339,7 +362,7 @@ class _Checker:
                     if last:
                         self.err(parts + ["to", i, "when"],
                                  "the last branch must not have 'when' (some phase must always follow)")
-                    self.hook(parts + ["to", i, "when"], b["when"], "when")
+                    self.hook(parts + ["to", i, "when"], b["when"], "when", msg)
                 elif not last:
                     self.err(parts + ["to", i], "only the last branch may omit 'when'")
         senders = node.get("senders")
@@ -355,12 +378,12 @@ class _Checker:
         if isinstance(guards, list):
             for i, g in enumerate(guards):
                 if isinstance(g, dict) and "check" in g:
-                    self.hook(parts + ["guards", i, "check"], g["check"], "guard")
+                    self.hook(parts + ["guards", i, "check"], g["check"], "guard", msg)
         self.hooks(parts + ["effects"], node.get("effects"), "effect")
         if kind == "commitment":
             for key in ("ready", "policy", "resolution"):
                 if key in node:
-                    self.hook(parts + [key], node[key], key)
+                    self.hook(parts + [key], node[key], key, msg)
 
     def run(self) -> list[SpecError]:
         spec, refs = self.spec, self.refs

@@ -215,3 +215,20 @@ def test_one_version_source():
 
     out = subprocess.run([sys.executable, "-m", "macp_runtime", "--version"], capture_output=True, text=True)
     assert out.stdout.strip() == f"macp-runtime {metadata.version('macp-runtime')}" == f"macp-runtime {macp_runtime.__version__}"
+
+
+def test_payload_fields_named_by_hooks_must_be_described(tmp_path):
+    text = AUCTION.replace('{hook: generic.field_compare, field: amount, op: ">", value: 0}',
+                           '{hook: generic.field_compare, field: amont, op: ">", value: 0}')
+    f = one(tmp_path, text)
+    assert (f.line, f.path) == (line_no(text, "field: amont"), "transitions[0].guards[1].check.field")
+    assert "not among the fields payloads.Bid describes" in f.message and "did you mean 'amount'?" in f.message
+    # a parameter naming a field of another message's payloads is checked against that message
+    f = one(tmp_path, AUCTION.replace("message: Bid, of: amount}", "message: Bid, of: amout}"))
+    assert f.path == "commitment.guards[1].check.of" and "payloads.Bid" in f.message
+    # payloads that describe no fields accept any field name
+    assert errors(tmp_path, AUCTION.replace('{hook: generic.field_compare, field: amount, op: ">", value: 0}',
+                                            '{hook: generic.field_compare, field: anything, op: ">", value: 0}')
+                  .replace("    type: json\n    description: One sealed bid.\n", "    type: json\n    description: x\n", 1)
+                  .replace("    fields:\n      amount: {type: number, required: true, description: \"the bid, greater than 0\"}\n"
+                           "      note: {type: string, description: free text for the auctioneer}\n", "", 1)) == []

@@ -56,7 +56,8 @@ PARAM_TYPES: dict[str, str] = {
     "message": "a message type the spec declares in descriptor.message_types",
     "phase": "a phase of the spec",
     "role": "a role: initiator, participant, anyone or one of the spec's roles",
-    "field": "a payload field name (dots reach into nested objects: `bid.amount`)",
+    "field": "a field of the message's payload (dots reach into nested objects: `bid.amount`)",
+    "message_field": "a field of the payloads of the message type named by the hook's `message` parameter",
     "fields": "a list of payload field names",
     "str": "a string",
     "int": "an integer",
@@ -188,7 +189,7 @@ def _show(value: Any) -> str:
 def check_value(kind: str, value: Any) -> str | None:
     """None when `value` fits the parameter type `kind`, else what it should be."""
     ok = True
-    if kind in ("message", "phase", "role", "field", "str"):
+    if kind in ("message", "phase", "role", "field", "message_field", "str"):
         ok = isinstance(value, str) and value != ""
     elif kind == "fields":
         ok = isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)

@@ -202,7 +202,7 @@ def none_sent(ctx: HookContext, message: str) -> bool:
     return not ctx.state["sent"].get(message)
 
 
-@hook(*CONDITION_USES, message="message", field="field", op="op", value="number",
+@hook(*CONDITION_USES, message="message", field="message_field", op="op", value="number",
       text="the sum of `{field}` over all {message} messages {op} {value}")
 def sum_compare(ctx: HookContext, message: str, field: str, op: str, value) -> bool:
     """The sum of a numeric JSON field over every recorded `message` compares to `value` (non-numbers count 0)."""
@@ -213,7 +213,7 @@ def sum_compare(ctx: HookContext, message: str, field: str, op: str, value) -> b
     return _compare(total, op, value)
 
 
-@hook(*CONDITION_USES, field="field", message="message", of="field",
+@hook(*CONDITION_USES, field="field", message="message", of="message_field",
       text="payload field `{field}` names the sender of the highest `{of}` among the {message} messages")
 def field_names_top_sender(ctx: HookContext, field: str, message: str, of: str) -> bool:
     """The payload field names the sender whose last `message` has the largest numeric `of` (a tie: any of them)."""
@@ -231,7 +231,7 @@ def field_names_top_sender(ctx: HookContext, field: str, message: str, of: str) 
 
 # --- roles (session, sender) -----------------------------------------------------------------------
 
-@hook("role", message="message", field="field", text="whoever the last {message} named in `{field}` (the initiator before)")
+@hook("role", message="message", field="message_field", text="whoever the last {message} named in `{field}` (the initiator before)")
 def named_by_last(session, sender: str, message: str, field: str) -> bool:
     """Whoever the last `message` named in `field`; the initiator until there is one."""
     last = session.state["last"].get(message)
