@@ -385,3 +385,29 @@ def test_suspension_resume_and_cancel_show_as_runtime_entries_and_lifecycle_even
         assert body["resolution"] is None and body["suspended_at_ms"] is None
     finally:
         stream.close()
+
+
+def test_jwt_bearer_through_the_same_resolvers_as_grpc(server_factory):
+    import time
+
+    import jwt
+
+    secret = b"console-test-secret-of-32-bytes!"
+    jwks = json.dumps({"keys": [{"kty": "oct", "k": base64.b64encode(secret).decode()}]})
+    srv = console_server(server_factory, env={"MACP_AUTH_ISSUER": "https://issuer.test",
+                                              "MACP_AUTH_JWKS_JSON": jwks})
+
+    def token(sub, **claims):
+        body = {"iss": "https://issuer.test", "aud": "macp-runtime", "sub": sub, "exp": int(time.time()) + 300,
+                **claims}
+        return jwt.encode(body, secret, algorithm="HS256")
+
+    status, body, _ = get(srv.console, "/api/whoami", token=token("alice"))
+    assert (status, body) == (200, {"sender": "alice", "is_observer": False})
+    status, body, _ = get(srv.console, "/api/whoami", token=token("ops", macp_scopes={"is_observer": True}))
+    assert (status, body["is_observer"]) == (200, True)
+    assert get(srv.console, "/api/whoami", token=token("alice", exp=int(time.time()) - 3600))[0] == 401
+    forged = jwt.encode({"iss": "https://issuer.test", "aud": "macp-runtime", "sub": "alice",
+                         "exp": int(time.time()) + 300}, b"another-secret-another-secret-!!", algorithm="HS256")
+    assert get(srv.console, "/api/sessions", token=forged)[0] == 401
+    assert get(srv.console, "/api/sessions", token="alice")[0] == 401   # no dev mode once JWT is configured
