@@ -1,7 +1,7 @@
 """Mode specs: YAML text -> checked model -> compiled `transitions` machine.
 
 The loader never executes anything and the compiler never reads files; `runtime/` only executes the
-compiled result. See `specs/README.md` for the spec format.
+compiled result. The spec format: `spec-schema.json` here, rendered as docs/spec-format.md.
 """
 from .errors import SpecError
 from .loader import load_spec_file, load_spec_text

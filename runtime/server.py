@@ -77,7 +77,8 @@ class Runtime:
         prof = profiles.get(cfg.protocol_profile)
         prof.list_sessions_default_page_size = cfg.list_sessions_default_page_size
         prof.list_sessions_max_page_size = cfg.list_sessions_max_page_size
-        log.info("protocol profile: %s (semantics_rev %d)", prof.name, prof.semantics_rev)
+        log.info("protocol profile: %s (semantics_rev %d; Initialize reports reference level %s)",
+                 prof.name, prof.semantics_rev, prof.runtime_version)
         try:
             modes = ModeRegistry.from_spec_dirs(cfg.specs_dirs, prof)
         except SpecError as exc:   # one line per problem, every file (codegen/validate.py)
