@@ -145,10 +145,13 @@ def _check_parser(sub) -> None:
     p = sub.add_parser(
         "check", help="validate mode specs without starting the server",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compile each spec and report, as FILE:LINE: LEVEL: KEY.PATH: MESSAGE, YAML errors, unknown "
-                    "keys, unknown phases, hooks that do not exist, message types without payload bindings, "
-                    "unreachable phases and commit conditions that can never hold. Exit status 1 when any error "
-                    "is found (or any warning with --strict), else 0.",
+        description="Compile each spec and report every problem of every file, as FILE:LINE: LEVEL: KEY.PATH: "
+                    "MESSAGE with the known alternatives and the nearest name: YAML errors, the structure of "
+                    "docs/spec-schema.json (unknown keys, wrong types), unknown phases, message types, roles and "
+                    "hooks, hooks used where they cannot be, missing/unknown/mistyped hook parameters, payload "
+                    "fields a described JSON payload lacks, message types without payload bindings, unreachable "
+                    "phases, commit conditions that can never hold; warns when a spec overrides a built-in mode. "
+                    "Exit status 1 when any error is found (or any warning with --strict), else 0.",
         epilog="examples:\n"
                "  macp-runtime check                          # the built-in specs\n"
                "  macp-runtime check my-modes/ review.yaml    # files and directories\n")
