@@ -232,3 +232,35 @@ def test_payload_fields_named_by_hooks_must_be_described(tmp_path):
                   .replace("    type: json\n    description: One sealed bid.\n", "    type: json\n    description: x\n", 1)
                   .replace("    fields:\n      amount: {type: number, required: true, description: \"the bid, greater than 0\"}\n"
                            "      note: {type: string, description: free text for the auctioneer}\n", "", 1)) == []
+
+
+@pytest.mark.parametrize("old,new,path,message", [
+    ("spec_version: 1\n", "", "", "missing required key 'spec_version'"),
+    ("spec_version: 1\n", "spec_version: 2\n", "spec_version", "must be 1"),
+    ("  names: [Bidding, Closed, Awarded]", "  names: []", "phases.names", "must not be empty"),
+    ("- check: generic.first_from_sender\n", "- check: generic first\n", "transitions[0].guards[0].check",
+     "is not a hook name"),
+    ("  terminal_message_types: [Commitment]", "  terminal_message_types: [Commitmnt]",
+     "descriptor.terminal_message_types[0]", "must also appear in message_types"),
+    ("  initial: Bidding", "  initial: Biding", "phases.initial", "initial phase 'Biding' is not in phases.names"),
+    ("state:\n", "roles:\n  initiator: generic.named_by_last\nstate:\n", "roles.initiator", "is a built-in role"),
+    ("  - message: Close\n", "  - message: SessionStart\n", "transitions[1].message", "handled by the engine"),
+    ("  Close:\n    type: json\n    description: Ends the bidding; no payload fields are needed.\n", "",
+     "transitions[1].message", "has no payload binding"),
+    ("  - message: Close\n    from: [Bidding]", "  - message: Bid\n    from: [Bidding]", "transitions[1].from",
+     "already has a transition on 'Bid'"),
+    ("  - message: Close\n    from: [Bidding]\n    to: Closed\n", "  - message: Bid\n    from: [Closed]\n    to: Closed\n",
+     "transitions[1].senders", "must name the same senders"),
+    ("    to: Closed\n", "    to:\n      - {phase: Closed}\n      - {phase: Bidding}\n", "transitions[1].to[0]",
+     "only the last branch may omit 'when'"),
+    ("    to: Closed\n", "    to:\n      - {phase: Closed, when: {hook: generic.any_sent, message: Bid}}\n",
+     "transitions[1].to[0].when", "the last branch must not have 'when'"),
+    ("unlisted_messages:\n  senders: []\n", "unlisted_messages:\n  accept: {from: [Bidding], to: Bidding}\n",
+     "unlisted_messages.accept", "needs unlisted_messages.senders"),
+    ("  initial: generic.message_log", "  initial: generic.record", "state.initial", "cannot be used as state"),
+])
+def test_each_structural_and_cross_reference_rule(tmp_path, old, new, path, message):
+    assert old in AUCTION, old
+    found = errors(tmp_path, AUCTION.replace(old, new, 1))
+    assert any(f.path == path and message in f.message for f in found), [str(f) for f in found]
+    assert all(f.line for f in found), [str(f) for f in found]
