@@ -26,7 +26,7 @@ from macp.modes.decision.v1 import decision_pb2
 from macp.modes.task.v1 import task_pb2
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
-from conftest import ServerProcess, envelope, new_session_id, start_payload, display_name
+from conftest import ServerProcess, envelope, new_session_id, start_payload
 from macp_runtime import auth
 
 DECISION = "macp.mode.decision.v1"
@@ -397,7 +397,7 @@ def test_static_max_open_sessions(sstub):
     first = start(sstub, bearer("tok-capped"))
     ack = send(sstub, start_env(), bearer("tok-capped"))
     assert_code(ack, "RATE_LIMITED")
-    assert display_name(ack.error) == "RateLimited"
+    assert ack.error.message == "RateLimited"
     # someone else's sessions do not count against the cap
     start(sstub, bearer("tok-coord"), participants=("capped", "bob"))
     ack = sstub.CancelSession(core_pb2.CancelSessionRequest(session_id=first), metadata=bearer("tok-capped")).ack

@@ -17,7 +17,7 @@ import pytest
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from conftest import bearer, commitment, envelope, new_session_id, start_payload, display_name
+from conftest import bearer, commitment, envelope, new_session_id, start_payload
 
 MODE = "macp.mode.decision.v1"
 OPEN = envelope_pb2.SESSION_STATE_OPEN
@@ -66,7 +66,7 @@ def proposal(sid, proposal_id="p1", message_id=None):
 
 def is_rate_limited(ack) -> bool:
     if not ack.ok and ack.error.code == "RATE_LIMITED":
-        assert display_name(ack.error) == "RateLimited"
+        assert ack.error.message == "RateLimited"
         assert ack.session_state == envelope_pb2.SESSION_STATE_UNSPECIFIED
         return True
     return False

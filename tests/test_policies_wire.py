@@ -21,7 +21,7 @@ from macp.modes.quorum.v1 import quorum_pb2
 from macp.modes.task.v1 import task_pb2
 from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2, policy_pb2
 
-from conftest import bearer, commitment, envelope, new_session_id, send, start_payload, display_name
+from conftest import bearer, commitment, envelope, new_session_id, send, start_payload
 
 OPEN = envelope_pb2.SESSION_STATE_OPEN
 RESOLVED = envelope_pb2.SESSION_STATE_RESOLVED
@@ -376,13 +376,13 @@ def start(stub, mode, participants, initiator, policy_version):
 
 def test_binding_unknown_policy(stub):
     _, ack = start(stub, DECISION, ["a", "b"], "a", "policy.missing")
-    assert (ack.ok, ack.error.code, display_name(ack.error)) == (False, "UNKNOWN_POLICY_VERSION", "UnknownPolicyVersion")
+    assert (ack.ok, ack.error.code, ack.error.message) == (False, "UNKNOWN_POLICY_VERSION", "UnknownPolicyVersion")
 
 
 def test_binding_policy_of_another_mode(stub):
     policy_id = ok_register(stub, mode=TASK)
     _, ack = start(stub, DECISION, ["a", "b"], "a", policy_id)
-    assert (ack.ok, ack.error.code, display_name(ack.error)) == \
+    assert (ack.ok, ack.error.code, ack.error.message) == \
         (False, "INVALID_POLICY_DEFINITION", "InvalidPolicyDefinition")
     sid, ack = start(stub, TASK, ["a", "b"], "a", policy_id)
     assert ack.ok, ack.error
@@ -498,7 +498,7 @@ def test_proposal_max_rounds_limits_counter_proposals(stub):
         proposal_id="o2", supersedes_proposal_id="o1", title="90"))
     ack = s.send("seller", "CounterProposal", proposal_pb2.CounterProposalPayload(
         proposal_id="o3", supersedes_proposal_id="o2", title="95"))
-    assert (ack.ok, ack.error.code, display_name(ack.error)) == (False, "INVALID_ENVELOPE", "InvalidPayload")
+    assert (ack.ok, ack.error.code, ack.error.message) == (False, "INVALID_ENVELOPE", "InvalidPayload")
     for who in ("buyer", "seller"):
         s.must(who, "Accept", proposal_pb2.AcceptPayload(proposal_id="o2"))
     ack = s.commit("proposal.accepted")
