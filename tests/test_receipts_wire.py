@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from macp.v1 import core_pb2, envelope_pb2
 from macp_sdk import (AuthConfig, DecisionSession, HandoffSession, MacpClient, ProposalSession, QuorumSession,
-                      TaskSession)
+                      TaskSession, build_contribute_payload, build_envelope, build_session_start_payload)
+from macp_sdk.constants import MODE_MULTI_ROUND
 from macp_sdk.errors import MacpTransportError
 from macp_sdk.receipt import trusted_keys_from_jwks, verify_receipt
 
@@ -95,7 +96,27 @@ def quorum(c):
     return s.session_id, "macp.mode.quorum.v1", "coordinator"
 
 
-FLOWS = [decision, proposal, task, handoff, quorum]
+def multi_round(c):
+    """An extension mode whose resolution is JSON, not the Commitment: the runtime records W itself."""
+    sid = new_session_id()
+    start = build_session_start_payload(intent="converge", participants=["coordinator", "alice", "bob"],
+                                        ttl_ms=60_000, policy_version="")
+    assert c.send(build_envelope(mode=MODE_MULTI_ROUND, message_type="SessionStart", session_id=sid,
+                                 payload=start.SerializeToString(), sender="coordinator")).ok
+    for who, value in (("alice", "blue"), ("bob", "green"), ("alice", "green")):
+        assert c.send(build_envelope(mode=MODE_MULTI_ROUND, message_type="Contribute", session_id=sid, sender=who,
+                                     payload=build_contribute_payload(value).SerializeToString()),
+                      auth=agent(who)).ok
+    commitment = core_pb2.CommitmentPayload(commitment_id="c1", action="multi_round.converged", authority_scope="s",
+                                            reason="agreed", mode_version="1.0.0",
+                                            configuration_version="config.default", outcome_positive=True)
+    ack = c.send(build_envelope(mode=MODE_MULTI_ROUND, message_type="Commitment", session_id=sid,
+                                sender="coordinator", payload=commitment.SerializeToString()))
+    assert ack.ok and ack.session_state == RESOLVED
+    return sid, MODE_MULTI_ROUND, "bob"
+
+
+FLOWS = [decision, proposal, task, handoff, quorum, multi_round]
 
 
 def fetch_verified(c, session_id: str, mode: str, reader: str, rev: int = 4):

@@ -322,3 +322,53 @@ def test_history_retention_keeps_histories_replayable_for_a_while(server_factory
         return False
 
     assert _wait_for(compacted)
+
+
+def test_task_under_a_require_output_candidate(runtime_server):
+    """Another mode, another evaluator: a Task resolved without output, judged under a policy that
+    requires output, is denied with the code and text the live Task evaluator gives."""
+    from macp_sdk import TaskSession
+    from macp_sdk.errors import MacpAckError
+    from macp_sdk.policy import TaskCompletionRules, build_task_policy
+
+    def run(client, policy_version=""):
+        planner, worker = AuthConfig.for_dev_agent("planner"), AuthConfig.for_dev_agent("worker")
+        s = TaskSession(client, auth=planner, policy_version=policy_version)
+        assert s.start(intent="report", participants=["planner", "worker"], ttl_ms=60_000).ok
+        assert s.request_task("t1", "Write the report", requested_assignee="worker").ok
+        assert s.accept_task("t1", auth=worker).ok
+        assert s.complete_task("t1", summary="no output attached", auth=worker).ok
+        return s
+
+    strict = build_task_policy("policy.task.output", "output required",
+                               completion=TaskCompletionRules(require_output=True))
+    with MacpClient(target=runtime_server.target, allow_insecure=True, auth=AuthConfig.for_dev_agent("planner"),
+                    default_timeout=10) as client:
+        session = run(client)
+        assert session.commit(action="task.completed", authority_scope="report", reason="done").ok
+        response = client.what_if_replay(session.session_id, strict)
+        live_policy = policy_pb2.PolicyDescriptor()
+        live_policy.CopyFrom(strict)
+        live_policy.policy_id = f"policy.task.output.{uuid.uuid4().hex[:8]}"
+        assert client.register_policy(live_policy).ok
+        twin = run(client, live_policy.policy_id)
+        with pytest.raises(MacpAckError) as err:
+            twin.commit(action="task.completed", authority_scope="report", reason="done")
+    live = err.value.failure
+    assert live.code == "POLICY_DENIED"
+    assert response.first_divergence == 4 and response.candidate.state == OPEN
+    assert [d.history_index for d in response.denials] == [4]
+    replayed = parse_error_details(response.denials[0].details)
+    assert (replayed.reasons, replayed.denials) == (live.reasons, live.denials)   # what the live Ack said
+    assert [d.code for d in replayed.denials] == ["output_required"]
+
+
+def test_replays_count_against_the_callers_message_rate(server_factory):
+    srv = server_factory(env={**CURRENT, "MACP_MESSAGE_LIMIT_PER_MINUTE": "3"})
+    stub = srv.stub()
+    sid = new_session_id()
+    assert all(a.ok for a in run_decision(stub, sid))   # bob sent one Vote of his three
+    assert what_if(stub, sid, descriptor(), who="bob").recorded.state == RESOLVED
+    assert what_if(stub, sid, descriptor(), who="bob").recorded.state == RESOLVED
+    assert refusal(lambda: what_if(stub, sid, descriptor(), who="bob")) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "RateLimited", "RATE_LIMITED")

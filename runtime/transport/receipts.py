@@ -11,7 +11,7 @@ import logging
 import grpc
 from macp.v1 import core_pb2
 
-from ..errors import PERMISSION_DENIED, MacpError, StatusError
+from ..errors import PERMISSION_DENIED, Kind, MacpError, StatusError
 from ..receipts import ReceiptUnavailable
 from ..whatif import WhatIfError, what_if
 from .status import abort, abort_status_error, error_status
@@ -43,6 +43,10 @@ class ReceiptHandler:
         if not request.session_id:
             await abort(context, profile, grpc.StatusCode.INVALID_ARGUMENT,
                         "INVALID_REQUEST: session_id must not be empty", "INVALID_REQUEST")
+        if managers and not t.admission.rate_allows(identity, False):
+            # a replay judges a whole history twice: it counts against the caller's message rate
+            # (MACP_MESSAGE_LIMIT_PER_MINUTE) like a Send
+            await abort(context, profile, *error_status(MacpError(Kind.RateLimited)), Kind.RateLimited.code)
         engine = t.engine
         try:
             session = await t.offload(engine.lookup, request.session_id)
