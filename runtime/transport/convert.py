@@ -12,11 +12,26 @@ _Event = core_pb2.SessionLifecycleEvent
 _Ack = envelope_pb2.Ack
 _MACPError = envelope_pb2.MACPError
 _StreamResponse = core_pb2.StreamSessionResponse
+_SendResponse = core_pb2.SendResponse
 
 
 def ok_ack(outcome: Outcome, message_id: str, session_id: str) -> envelope_pb2.Ack:
     return _Ack(ok=True, duplicate=outcome.duplicate, message_id=message_id, session_id=session_id,
                 accepted_at_unix_ms=now_ms(), session_state=outcome.state)
+
+
+def send_response(outcome: Outcome, message_id: str, session_id: str) -> core_pb2.SendResponse:
+    """The ok SendResponse, built in place (no Ack copied into it)."""
+    out = _SendResponse()
+    ack = out.ack
+    ack.ok = True
+    if outcome.duplicate:
+        ack.duplicate = True
+    ack.message_id = message_id
+    ack.session_id = session_id
+    ack.accepted_at_unix_ms = now_ms()
+    ack.session_state = outcome.state
+    return out
 
 
 def error_ack(exc: MacpError, message_id: str, session_id: str, profile=None) -> envelope_pb2.Ack:

@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .admission import Admission
 from .loop import Offload, Wakeups
-from .service import SERVICE_NAME, Transport, generic_handler
+from .service import SERVICE_NAME, Transport, add_to_server
 
 log = logging.getLogger("macp_runtime.server")
 
@@ -47,7 +47,7 @@ class GrpcServer:
         # Thousands of streams share one connection in some clients: no per-connection stream cap
         # below MACP_MAX_STREAMS (grpc's default is unlimited; say so explicitly).
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((generic_handler(self.transport),))
+        add_to_server(self.transport, server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.reflect:

@@ -13,16 +13,20 @@ from .loop import Offload, Wakeups
 from .policies import PolicyHandler
 from .receipts import ReceiptHandler
 from .registry import RegistryHandler
-from .sessions import MessageHandler, SessionHandler
+from .sessions import UNDECODABLE_DETAILS, MessageHandler, SessionHandler
 from .streams import StreamHandler
 
 SERVICE_NAME = "macp.v1.MACPRuntimeService"
-UNDECODABLE_DETAILS = "Exception deserializing request!"   # what grpc itself says for an unparsable request
 
 
 class _Undecodable:
     """What the request deserializer returns for bytes that do not parse: the handler's guard
-    answers INTERNAL (as grpc's own deserialization failure does) instead of UNKNOWN."""
+    answers INTERNAL (as grpc's own deserialization failure does) instead of UNKNOWN. A handler
+    marked `guards_undecodable` checks for it itself (Send: no wrapper on the hot path)."""
+
+    @staticmethod
+    def HasField(name: str) -> bool:
+        return False
 
 
 UNDECODABLE = _Undecodable()
@@ -69,7 +73,7 @@ class Transport:
                          RegistryHandler(self), PolicyHandler(self), ReceiptHandler(self))
 
 
-def generic_handler(t: Transport) -> grpc.GenericRpcHandler:
+def method_handlers(t: Transport) -> dict[str, grpc.RpcMethodHandler]:
     """Every RPC some handler implements, with the request types of the service descriptor and a
     response serializer that passes pre-encoded frames through."""
     service = core_pb2.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[1]]
@@ -86,7 +90,17 @@ def generic_handler(t: Transport) -> grpc.GenericRpcHandler:
         elif method.client_streaming:
             make = grpc.stream_unary_rpc_method_handler
         else:
-            make, behaviour = grpc.unary_unary_rpc_method_handler, _guard_unary(behaviour)
+            make = grpc.unary_unary_rpc_method_handler
+            if not getattr(behaviour, "guards_undecodable", False):
+                behaviour = _guard_unary(behaviour)
         methods[method.name] = make(behaviour, request_deserializer=_decoder(request_type),
                                     response_serializer=encode)
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+    return methods
+
+
+def add_to_server(t: Transport, server) -> None:
+    """As generated code does: a generic handler and the same methods pre-registered (grpc core then
+    matches the method path itself instead of asking Python per call)."""
+    methods = method_handlers(t)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
+    server.add_registered_method_handlers(SERVICE_NAME, methods)

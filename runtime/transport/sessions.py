@@ -14,7 +14,7 @@ from ..engine import Outcome
 from ..errors import Kind, MacpError, StatusError
 from ..session import OPEN
 from ..specs.hooks.common import is_blank
-from .convert import (created_event, error_ack, lifecycle_response, ok_ack, session_metadata,
+from .convert import (created_event, error_ack, lifecycle_response, ok_ack, send_response, session_metadata,
                       signal_response)
 from .loop import Doorbell
 from .status import abort, abort_status_error, on_lag
@@ -22,6 +22,8 @@ from .watch import watch
 
 log = logging.getLogger("macp_runtime.service")
 
+UNDECODABLE_DETAILS = "Exception deserializing request!"   # as grpc says for an unparsable request
+_SendRequest = core_pb2.SendRequest
 MAX_PAGE_SIZE = 1000       # ListSessions page_size above this is served as this
 _OPEN_OUTCOME = Outcome(False, OPEN)
 
@@ -34,6 +36,8 @@ class MessageHandler:
 
     async def Send(self, request, context):
         if not request.HasField("envelope"):
+            if request.__class__ is not _SendRequest:
+                await context.abort(grpc.StatusCode.INTERNAL, UNDECODABLE_DETAILS)
             await abort(context, self.t.engine.profile, grpc.StatusCode.INVALID_ARGUMENT,
                         "SendRequest must contain an envelope", "INVALID_REQUEST")
         t = self.t
@@ -43,14 +47,15 @@ class MessageHandler:
         try:
             identity = t.admission.identity(context)
             is_start = t.admission.admit_send(env, identity)
-            if is_start:
-                outcome = await t.offload(engine.start_session, env, identity)
+            mtype = env.message_type
+            if mtype == "Signal" or mtype == "Progress":
+                outcome = await self.ambient(env)
             else:
-                mtype = env.message_type
-                if mtype == "Signal" or mtype == "Progress":
-                    outcome = await self.ambient(env)
-                else:
-                    outcome = await t.offload(engine.process_message, env, identity)
+                call = engine.start_session if is_start else engine.process_message
+                if t.offload.blocking:
+                    outcome = await t.offload(call, env, identity)
+                else:   # the memory store never blocks: no coroutine, no thread
+                    outcome = call(env, identity)
         except MacpError as exc:
             if log.isEnabledFor(logging.INFO):
                 log.info("message rejected", extra={"fields": {
@@ -59,8 +64,10 @@ class MessageHandler:
                     "detail": exc.detail}})
             engine.metrics.send_done(env.mode, env.message_type, exc.code, perf_counter() - started)
             return core_pb2.SendResponse(ack=error_ack(exc, env.message_id, env.session_id, engine.profile))
-        engine.metrics.send_done(env.mode, env.message_type, "", perf_counter() - started)
-        return core_pb2.SendResponse(ack=ok_ack(outcome, env.message_id, env.session_id))
+        engine.metrics.send_done(env.mode, mtype, "", perf_counter() - started)
+        return send_response(outcome, env.message_id, env.session_id)
+
+    Send.guards_undecodable = True
 
     async def ambient(self, env) -> Outcome:
         """Signals and Progress: validated, never part of any session's history (§6)."""
