@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ECHO = os.path.join(os.path.dirname(ROOT), "shared", "bench", "echo_server.py")
 MODE = "macp.mode.decision.v1"
 COORD = "coordinator"
+STREAMS_PER_CHANNEL = 900
 
 
 def free_port() -> int:
@@ -102,8 +103,12 @@ async def _subscribers(index, target, plan, proposals, batch, ready, go, results
     import grpc
     from macp.v1 import core_pb2, core_pb2_grpc
 
-    channel = grpc.aio.insecure_channel(target, options=[("grpc.max_concurrent_streams", 1_000_000)])
-    stub = core_pb2_grpc.MACPRuntimeServiceStub(channel)
+    # at most STREAMS_PER_CHANNEL streams per connection (servers may cap concurrent streams per
+    # connection, e.g. the echo baseline at 1,000)
+    n_channels = max(1, -(-len(plan) // STREAMS_PER_CHANNEL))
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(n_channels)]
+    stubs = [core_pb2_grpc.MACPRuntimeServiceStub(ch) for ch in channels]
     gate = asyncio.Semaphore(batch)
     outcomes: list = [None] * len(plan)
     held = 0
@@ -113,7 +118,7 @@ async def _subscribers(index, target, plan, proposals, batch, ready, go, results
         recv = array("q", [0] * proposals)
         in_order, status, got = True, "ok", 0
         async with gate:   # at most `batch` stream starts in flight
-            call = stub.StreamSession(metadata=_md(who))
+            call = stubs[slot % len(stubs)].StreamSession(metadata=_md(who))
             try:
                 await call.write(core_pb2.StreamSessionRequest(subscribe_session_id=sid, after_sequence=0))
                 first = await call.read()
@@ -152,7 +157,8 @@ async def _subscribers(index, target, plan, proposals, batch, ready, go, results
     tasks = [asyncio.ensure_future(one(i, sid, who)) for i, (sid, who) in enumerate(plan)]
     await asyncio.gather(*tasks)
     results.put({"worker": index, "held": held, "outcomes": outcomes})
-    await channel.close()
+    for channel in channels:
+        await channel.close()
 
 
 # --- the sender ----------------------------------------------------------------------------------
