@@ -77,6 +77,52 @@ class Accepted:
         self.wire = None
 
 
+class Pending:
+    """A record appended without waiting for its fdatasync (`Engine.deferring`): what must follow the
+    commit point (fan-out, lifecycle events, the ack) waits for `settle`, which the store's writer
+    calls in log order."""
+
+    __slots__ = ("effects", "error", "settled", "waiters")
+
+    def __init__(self):
+        self.effects: list = []
+        self.error = None
+        self.settled = False
+        self.waiters: list = []
+
+    def defer(self, fn, *args) -> None:
+        """Run fn(*args) once durable (now if it already is; never if the write failed)."""
+        with _PENDING_LOCK:
+            if not self.settled:
+                self.effects.append((fn, args))
+                return
+        if self.error is None:
+            fn(*args)
+
+    def when_settled(self, callback) -> None:
+        """callback(error or None), from the writer's thread, or now when already settled."""
+        with _PENDING_LOCK:
+            if not self.settled:
+                self.waiters.append(callback)
+                return
+        callback(self.error)
+
+    def settle(self, error) -> None:
+        with _PENDING_LOCK:
+            self.error = error
+            self.settled = True
+            effects, self.effects = self.effects, ()
+            waiters, self.waiters = self.waiters, ()
+        if error is None:
+            for fn, args in effects:
+                fn(*args)
+        for callback in waiters:
+            callback(error)
+
+
+_PENDING_LOCK = threading.Lock()
+
+
 class Outcome(NamedTuple):
     duplicate: bool
     state: int
@@ -121,6 +167,11 @@ class Engine:
         # Read-only observers (the browser console): told of every accepted envelope and lifecycle
         # event, after the commit point and under the session's lock. They must never block.
         self.observers: tuple = ()
+        # Deferred commit (see `deferring`): a thread that sets it appends without waiting.
+        self.defers = hasattr(store, "append_deferred") and not self.shared
+        self._local = threading.local()
+        self._pending: dict[str, Pending] = {}             # session id -> its latest record not yet durable
+        self._pending_lock = threading.Lock()
 
     # --- SessionStart (§5.2) ---------------------------------------------------------------------
 
@@ -511,20 +562,34 @@ class Engine:
             return records
 
     def _publish(self, session: Session, env) -> None:
-        """Called under the session lock right after the envelope's record became durable."""
+        """Called under the session lock right after the envelope's record became durable (or, for a
+        deferring caller, was queued: then delivered once durable, in log order)."""
+        pending = self._deferred(session)
+        if pending is not None:
+            pending.defer(self._deliver, session, session.log_length - 1, env)
+        else:
+            self._deliver(session, session.log_length - 1, env)
+
+    def _deliver(self, session: Session, index: int, env) -> None:
         if self.observers:
             for observer in self.observers:
-                observer.accepted(session, session.log_length - 1, env)
+                observer.accepted(session, index, env)
         subscribers = self._channels.get(session.session_id)
         if not subscribers:
             return
         item = Accepted(env)   # one object for every subscriber: the transport encodes it once
-        index = session.log_length - 1
         for sub in subscribers:
             if not sub.offer(index, item):
                 self.unsubscribe(session.session_id, sub)
 
     def _emit(self, event: int, session: Session, now: int) -> None:
+        pending = self._deferred(session)
+        if pending is not None:
+            pending.defer(self._announce, event, session, now)
+        else:
+            self._announce(event, session, now)
+
+    def _announce(self, event: int, session: Session, now: int) -> None:
         self.metrics.session_event(event)
         if self.observers:
             for observer in self.observers:
@@ -577,7 +642,53 @@ class Engine:
 
     # --- storage ---------------------------------------------------------------------------------
 
+    # --- deferred commit ----------------------------------------------------------------------------
+    #
+    # The transport runs the kernel on its event loop and must not wait there for an fdatasync. While
+    # a thread is `deferring`, `_append` queues the record (`store.append_deferred`) and the session's
+    # in-memory state moves on at once (the session lock keeps per-session order; the log keeps global
+    # order); fan-out and lifecycle events wait for the record's durability (`Pending`), and so does
+    # the caller's ack (`pending(session_id)`). A failed deferred write stops the store (a restart
+    # replays what is durable).
+
+    def set_deferring(self, on: bool) -> None:
+        self._local.on = on
+
+    def pending(self, session_id: str) -> Pending | None:
+        """The session's latest record not yet durable (an ack about this session waits for it)."""
+        pending = self._pending.get(session_id)
+        return None if pending is None or pending.settled else pending
+
+    def _deferred(self, session: Session) -> Pending | None:
+        if not getattr(self._local, "on", False):
+            return None
+        pending = self._pending.get(session.session_id)
+        return None if pending is None or pending.settled else pending
+
+    def _append_deferred(self, session: Session, record: LogRecord) -> None:
+        pending = Pending()
+        session_id = session.session_id
+        started = perf_counter()
+
+        def settled(index, error):
+            if error is None:
+                self.metrics.append_done(perf_counter() - started)
+            pending.settle(error)
+            with self._pending_lock:
+                if self._pending.get(session_id) is pending:
+                    del self._pending[session_id]
+        try:
+            self.store.append_deferred(record, settled)
+        except StorageError as exc:
+            log.error("storage append failed for session %s: %s", session_id, exc)
+            raise MacpError(Kind.StorageFailed, detail=str(exc)) from None
+        with self._pending_lock:
+            self._pending[session_id] = pending
+        session.log_length += 1
+
     def _append(self, session: Session, record: LogRecord) -> None:
+        if self.defers and getattr(self._local, "on", False):
+            return self._append_deferred(session, record)
         started = perf_counter()
         try:
             if self.shared:   # only if nobody else appended since we last looked (the commit point)

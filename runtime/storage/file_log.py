@@ -132,14 +132,15 @@ def _session_id_of(payload) -> str:
 class _Entry:
     """One append waiting for its batch to be written (lives only until the append returns)."""
 
-    __slots__ = ("session_id", "frame", "reset", "index", "error")
+    __slots__ = ("session_id", "frame", "reset", "index", "error", "done")
 
-    def __init__(self, session_id: str, data: bytes, reset: int) -> None:
+    def __init__(self, session_id: str, data: bytes, reset: int, done=None) -> None:
         self.session_id = session_id
         self.frame = data
         self.reset = reset
         self.index: int | None = None
         self.error: StorageError | None = None
+        self.done = done   # append_deferred: called with (index, error) once the batch is settled
 
 
 class _Segment:
@@ -223,6 +224,8 @@ class FileLogStore(Store):
         self._next_lsn = 1
         self._pending: list[_Entry] = []
         self._flushing = False
+        self._flusher: threading.Thread | None = None   # leads batches of deferred appends
+        self._settling = threading.Lock()                  # deferred callbacks run one batch at a time
         self._failed: str | None = None
         self._opened = False
         self._closing = False
@@ -542,6 +545,33 @@ class FileLogStore(Store):
                 raise last.error
             return [e.index for e in entries]
 
+    def append_deferred(self, record: LogRecord, done) -> None:
+        """Queue one record without waiting: `done(index, error)` is called (from the thread that
+        wrote its batch, in log order) once it is durable or failed. The commit point of callers
+        that must not block (the transport's event loop). A failed deferred write leaves the store
+        refusing further appends: the caller has already moved its in-memory state on, so only a
+        restart (replaying what is on disk) is consistent again."""
+        payload = record.SerializeToString()
+        if len(payload) > MAX_RECORD_BYTES:
+            raise StorageError(f"record of {len(payload)} bytes exceeds the {MAX_RECORD_BYTES} byte limit")
+        entry = _Entry(record.session_id, frame(payload), _reset_kind(record), done)
+        with self._cond:
+            self._check_usable()
+            self._pending.append(entry)
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_deferred, name="wal-flusher", daemon=True)
+                self._flusher.start()
+            self._cond.notify_all()
+
+    def _flush_deferred(self) -> None:
+        """Leads batches for deferred appends (nobody else waits for them)."""
+        with self._cond:
+            while not self._closed:
+                if self._pending and not self._flushing:
+                    self._lead_one_batch()
+                else:
+                    self._cond.wait()
+
     def _check_usable(self) -> None:
         if not self._opened:
             raise StorageError("store is not open")
@@ -592,6 +622,28 @@ class FileLogStore(Store):
         finally:
             self._flushing = False
             self._cond.notify_all()
+            deferred = [e for e in batch if e.done is not None]
+            if deferred:
+                self._settle(deferred)
+
+    def _settle(self, entries: list[_Entry]) -> None:
+        """Call the deferred appends' callbacks, in log order, without holding _cond (a callback may
+        read the store). Called and returns with _cond held; `_settling` keeps batches in order."""
+        if any(e.error is not None for e in entries) and self._failed is None:
+            failed = next(e.error for e in entries if e.error is not None)
+            self._failed = f"store failed: a deferred append failed ({failed}); refusing further appends"
+            log.critical("storage: %s", self._failed)
+        self._settling.acquire()   # before letting go of _cond: the next batch settles after this one
+        self._cond.release()
+        try:
+            for e in entries:
+                try:
+                    e.done(e.index, e.error)
+                except Exception:   # one bad callback must not keep the others from their answer
+                    log.exception("storage: a deferred append's callback failed")
+        finally:
+            self._settling.release()
+            self._cond.acquire()
 
     def _write_batch(self, data: bytes) -> tuple[_Segment | None, int, str | None]:
         """Leader only, without the lock. Returns (segment, start offset, failure message or None)."""
@@ -883,6 +935,7 @@ class FileLogStore(Store):
             finally:
                 self._release_files()
                 self._closed = True
+                self._cond.notify_all()   # the deferred-append flusher ends
 
     def _release_files(self) -> None:
         for seg in self._segs:

@@ -9,8 +9,9 @@ threads one `call_soon_threadsafe` per burst however many coroutines it wakes.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 
 class Wakeups:
@@ -77,22 +78,74 @@ class Doorbell:
 
 
 class Offload:
-    """Runs kernel calls: inline when the store never blocks, else on a worker thread so the loop
-    keeps serving while an append waits for its fdatasync or a database round trip."""
+    """Runs kernel calls: inline when the store never blocks, else on one of up to `workers`
+    threads so the loop keeps serving while an append waits for its fdatasync or a database round
+    trip. The hand-over is a SimpleQueue one way and `Wakeups` the other (the calls a group
+    commit releases together wake the loop once), cheaper than run_in_executor's future chain."""
 
-    def __init__(self, blocking: bool, workers: int):
+    def __init__(self, blocking: bool, workers: int, wakeups: Wakeups | None = None):
         self.blocking = blocking
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel") if blocking else None
+        self.workers = max(1, workers)
+        self.wakeups = wakeups
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def attach(self, wakeups: Wakeups) -> None:
+        self.wakeups = wakeups
 
     async def __call__(self, fn, *args):
-        if self.executor is None:
+        if not self.blocking:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self._submit(fn, args)
 
     async def always(self, fn, *args):
         """Off the loop whatever the store (slow work such as closing the engine)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self._submit(fn, args)
+
+    def _submit(self, fn, args) -> asyncio.Future:
+        future = self.wakeups.loop.create_future()
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self.workers and not self._closed:
+                thread = threading.Thread(target=self._work, name=f"kernel-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._idle -= 1 if self._idle else 0
+        self._queue.put((fn, args, future))
+        return future
+
+    def _work(self) -> None:
+        get, call = self._queue.get, self.wakeups.call
+        while True:
+            job = get()
+            if job is None:
+                return
+            fn, args, future = job
+            try:
+                result = fn(*args)
+            except BaseException as exc:   # handed to the awaiting coroutine
+                call(partial(_settle_error, future, exc))
+            else:
+                call(partial(_settle, future, result))
+            with self._lock:
+                self._idle += 1
 
     def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=False)
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _settle_error(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -43,6 +43,7 @@ class GrpcServer:
 
     async def start(self) -> int:
         wakeups = Wakeups(asyncio.get_running_loop())
+        self.offload.attach(wakeups)
         self.transport = Transport(self.engine, self.admission, self.offload, wakeups)
         # Thousands of streams share one connection in some clients: no per-connection stream cap
         # below MACP_MAX_STREAMS (grpc's default is unlimited; say so explicitly).

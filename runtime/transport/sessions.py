@@ -16,6 +16,7 @@ from ..session import OPEN
 from ..specs.hooks.common import is_blank
 from .convert import (created_event, error_ack, lifecycle_response, ok_ack, send_response, session_metadata,
                       signal_response)
+from .commit import commit
 from .loop import Doorbell
 from .status import abort, abort_status_error, on_lag
 from .watch import watch
@@ -53,7 +54,7 @@ class MessageHandler:
             else:
                 call = engine.start_session if is_start else engine.process_message
                 if t.offload.blocking:
-                    outcome = await t.offload(call, env, identity)
+                    outcome = await commit(t, env.session_id, call, env, identity)
                 else:   # the memory store never blocks: no coroutine, no thread
                     outcome = call(env, identity)
         except MacpError as exc:

@@ -21,6 +21,7 @@ from ..errors import Kind, MacpError, StatusError
 from ..session import OPEN
 from ..specs.hooks.common import is_blank
 from ..storage import ENTRY_KIND_INCOMING
+from .commit import commit
 from .convert import accepted_frame, history_frame, inline_error, inline_macp_error
 from .loop import Doorbell
 from .status import error_status, status_of
@@ -241,11 +242,11 @@ class StreamHandler:
             stream.subscribed = True
         try:
             if is_start:
-                await t.offload(engine.start_session, env, identity)
+                await commit(t, session_id, engine.start_session, env, identity)
             elif mtype == "Progress":
                 await t.messages.ambient(env)
             else:
-                await t.offload(engine.process_message, env, identity)
+                await commit(t, session_id, engine.process_message, env, identity)
         except MacpError as exc:
             engine.metrics.send_done(env.mode, mtype, exc.code, None)
             return [_inline_or_end(exc, stream, engine.profile)]
