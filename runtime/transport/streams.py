@@ -275,11 +275,11 @@ class StreamHandler:
                 engine.subscribe(session_id, stream)
                 stream.subscribed = True
             if is_start:
-                await t.offload(engine.start_session, env, identity)
+                await commit(t, session_id, engine.start_session, env, identity)
             elif mtype == "Progress":
                 await t.messages.ambient(env)
             else:
-                await t.offload(engine.process_message, env, identity)
+                await commit(t, session_id, engine.process_message, env, identity)
         except MacpError as exc:
             engine.metrics.send_done(env.mode, mtype, exc.code, None)
             if exc.kind is Kind.StorageFailed:
