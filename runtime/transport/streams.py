@@ -52,13 +52,14 @@ class _Terminate(Exception):
 class SessionStream:
     """One StreamSession call as the engine sees it (`offer`, `discard_before`, `shutdown`)."""
 
-    __slots__ = ("bell", "live", "dropped", "finished", "closing", "requests", "input_done", "room",
+    __slots__ = ("bell", "live", "floor", "dropped", "finished", "closing", "requests", "input_done", "room",
                  "bound", "subscribed", "task", "wakeups")
 
     def __init__(self, wakeups):
         self.wakeups = wakeups
         self.bell = Doorbell(wakeups)
         self.live: collections.deque = collections.deque()   # (log index, Accepted)
+        self.floor = 0            # envelopes below this log index were in the history snapshot
         self.dropped = 0          # envelopes that found the live queue full
         self.finished = False     # the call ended: nothing more is accepted
         self.closing = False      # the server is stopping
@@ -75,6 +76,8 @@ class SessionStream:
         """Queue a live envelope; never blocks. False tells the engine to drop this subscriber."""
         if self.finished:
             return False
+        if index < self.floor:        # covered by the history snapshot already sent
+            return True
         if self.dropped:              # already cut off: only count, so the status can say how many
             self.dropped += 1
             return True
@@ -90,6 +93,8 @@ class SessionStream:
     def discard_before(self, index: int) -> None:
         """A history snapshot of `index` records was just taken: queued envelopes it covers go.
         (The call's coroutine is waiting for that snapshot, so nothing else takes from `live`.)"""
+        if index > self.floor:
+            self.floor = index
         live = self.live
         while live and live[0][0] < index:
             live.popleft()
