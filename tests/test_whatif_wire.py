@@ -372,3 +372,39 @@ def test_replays_count_against_the_callers_message_rate(server_factory):
     assert what_if(stub, sid, descriptor(), who="bob").recorded.state == RESOLVED
     assert refusal(lambda: what_if(stub, sid, descriptor(), who="bob")) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED, "RateLimited", "RATE_LIMITED")
+
+
+def test_recorded_lifecycle_records_are_replayed_where_they_happened(runtime_server):
+    """Suspend/resume between messages and a cancellation are part of the replay (no entries of their
+    own): a suspended-and-resumed session still resolves in both replays; a cancelled one ends
+    CANCELLED in both, whatever the candidate."""
+    stub = runtime_server.stub()
+    coord = bearer("coordinator")
+    sid = new_session_id()
+    acks = [send(stub, envelope(MODE, mtype, sid, who, payload)) for who, mtype, payload in [
+        ("coordinator", "SessionStart", start_payload(PEOPLE)),
+        ("coordinator", "Proposal", decision_pb2.ProposalPayload(proposal_id="p1", option="deploy")),
+        ("alice", "Vote", decision_pb2.VotePayload(proposal_id="p1", vote="APPROVE"))]]
+    sid2 = new_session_id()
+    steps = [("coordinator", "SessionStart", start_payload(PEOPLE)),
+             ("coordinator", "Proposal", decision_pb2.ProposalPayload(proposal_id="p1", option="deploy"))]
+    for i, (who, mtype, payload) in enumerate(steps):
+        assert send(stub, envelope(MODE, mtype, sid2, who, payload, message_id=f"s{i}")).ok
+    assert stub.SuspendSession(core_pb2.SuspendSessionRequest(session_id=sid2, reason="pause"), metadata=coord).ack.ok
+    assert stub.ResumeSession(core_pb2.ResumeSessionRequest(session_id=sid2, reason="go"), metadata=coord).ack.ok
+    for i, (who, mtype, payload) in enumerate([
+            ("alice", "Vote", decision_pb2.VotePayload(proposal_id="p1", vote="APPROVE")),
+            ("bob", "Vote", decision_pb2.VotePayload(proposal_id="p1", vote="APPROVE")),
+            ("coordinator", "Commitment", commitment())]):
+        assert send(stub, envelope(MODE, mtype, sid2, who, payload, message_id=f"t{i}")).ok
+    default = stub.GetPolicy(policy_pb2.GetPolicyRequest(policy_id="policy.default"), metadata=coord).policy_descriptor
+    response = what_if(stub, sid2, default, who="coordinator")
+    assert len(response.entries) == 5 and not response.HasField("first_divergence")
+    assert response.recorded.state == RESOLVED and response.recorded.resolved_by_message_id == "t2"
+
+    assert all(a.ok for a in acks)
+    assert stub.CancelSession(core_pb2.CancelSessionRequest(session_id=sid, reason="stop"), metadata=coord).ack.ok
+    response = what_if(stub, sid, descriptor(), who="coordinator")
+    assert len(response.entries) == 3
+    assert response.recorded.state == response.candidate.state == envelope_pb2.SESSION_STATE_CANCELLED
+    assert all(e.recorded.kind == Kinds.KIND_APPLIED and e.recorded.state == OPEN for e in response.entries)
