@@ -411,3 +411,33 @@ def test_jwt_bearer_through_the_same_resolvers_as_grpc(server_factory):
                          "exp": int(time.time()) + 300}, b"another-secret-another-secret-!!", algorithm="HS256")
     assert get(srv.console, "/api/sessions", token=forged)[0] == 401
     assert get(srv.console, "/api/sessions", token="alice")[0] == 401   # no dev mode once JWT is configured
+
+
+def test_event_streams_per_identity_are_capped(dev):
+    from macp_runtime.console.events import MAX_CLIENTS_PER_IDENTITY
+
+    streams = [EventStream(dev.console_port, "alice") for _ in range(MAX_CLIENTS_PER_IDENTITY)]
+    try:
+        for stream in streams:
+            assert stream.status == 200
+            stream.next({"ready"})
+        extra = EventStream(dev.console_port, "alice")
+        assert extra.status == 429
+        extra.close()
+        other = EventStream(dev.console_port, "bob")      # another identity still gets one
+        assert other.status == 200
+        other.close()
+    finally:
+        for stream in streams:
+            stream.close()
+    import time
+
+    deadline = time.monotonic() + 5     # a closed stream is detached as soon as the client goes
+    while True:
+        again = EventStream(dev.console_port, "alice")
+        status = again.status
+        again.close()
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status == 200

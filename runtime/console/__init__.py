@@ -41,7 +41,8 @@ class ConsoleServer:
         self._hub = Hub(self.engine, view, loop)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="console")
         self._runner = web.AppRunner(make_app(view, self._hub, self._pool), access_log=None,
-                                     handle_signals=False, shutdown_timeout=1.0)
+                                     handle_signals=False, shutdown_timeout=1.0,
+                                     handler_cancellation=True)   # a closed tab ends its stream at once
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:

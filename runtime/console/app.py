@@ -145,8 +145,12 @@ async def policies(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events. `ready` once the stream is attached (a page loads its snapshot after it,
     so nothing falls between), then `lifecycle`, `envelope`, `modes`, `policies`; a client that
-    falls behind gets `lagged` and the stream ends; at shutdown `bye`."""
+    falls behind gets `lagged` and the stream ends; at shutdown `bye`. At most MAX_CLIENTS streams
+    are open, MAX_CLIENTS_PER_IDENTITY of them per identity (429 beyond)."""
     hub = request.app[HUB]
+    refused = hub.refusal(request["identity"])
+    if refused is not None:
+        return _error(429, refused)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
     for key, value in SECURITY_HEADERS.items():
@@ -164,9 +168,9 @@ async def events(request: web.Request) -> web.StreamResponse:
             if item is END:
                 break
             await response.write(item)
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
         pass
-    finally:
+    finally:   # also when the handler is cancelled because the client went away
         hub.detach(client)
     return response
 

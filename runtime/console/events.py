@@ -24,6 +24,8 @@ from .facade import EVENT_NAMES, STATE_NAMES, entry_dict, summary
 log = logging.getLogger("macp_runtime.console")
 
 CLIENT_CAPACITY = 1024
+MAX_CLIENTS = 256            # event streams open at once
+MAX_CLIENTS_PER_IDENTITY = 16
 _END = object()
 
 
@@ -134,6 +136,14 @@ class Hub:
                                      "session": row})
         for client in readers:
             client.put(data)
+
+    def refusal(self, identity) -> str | None:
+        """Why one more event stream for `identity` is refused (None: it is not)."""
+        if len(self.clients) >= MAX_CLIENTS:
+            return f"too many open event streams ({MAX_CLIENTS})"
+        if sum(1 for c in self.clients if c.identity.sender == identity.sender) >= MAX_CLIENTS_PER_IDENTITY:
+            return f"too many open event streams for this identity ({MAX_CLIENTS_PER_IDENTITY})"
+        return None
 
     def attach(self, identity, session_id: str | None) -> Client:
         client = Client(identity, session_id)
