@@ -135,6 +135,7 @@ class Engine:
         # the revision it was accepted under. In-process users default to v0.4.0; the daemon's
         # default (MACP_PROTOCOL_PROFILE) is `current`.
         self.profile = profile or profiles.v040()
+        self._evictable = EVICTABLE | {CANCELLED} if self.profile.evict_cancelled else EVICTABLE   # §7
         self.modes = modes
         self.policies = policies
         self.store = store
@@ -333,8 +334,14 @@ class Engine:
             reserved = profiles.RESERVED_MESSAGE_ID_PREFIXES.get((session.semantics_rev, session.mode))
             if reserved is not None and env.message_id.startswith(reserved):
                 raise MacpError(Kind.InvalidEnvelope, detail=f"message ids starting {reserved!r} are the runtime's")
+            synthesize = profiles.synthesizer(session.semantics_rev, session.mode)
+            if synthesize is not None:
+                for synthetic in synthesize(session, now):
+                    if synthetic.message_id not in session.seen:
+                        self._accept_synthetic(session, synthetic)
         compiled = session.compiled
         sender = identity.sender
+        session.accepted_at_ms = now
         try:
             plan = compiled.evaluate(session, sender, env.message_type, env.payload, env.timestamp_unix_ms)
         except Reject as exc:
@@ -354,6 +361,25 @@ class Engine:
         elif self.checkpoint_interval:
             self._interval_checkpoint(session, now)
         return Outcome(False, session.status)
+
+    def _accept_synthetic(self, session: Session, env) -> None:
+        """An envelope the runtime writes itself (an implicit handoff accept, current.md §12.4): judged
+        by the mode as any envelope, recorded at its own timestamp, published; no participant activity."""
+        session.runtime_message = True
+        session.accepted_at_ms = env.timestamp_unix_ms
+        try:
+            plan = session.compiled.evaluate(session, env.sender, env.message_type, env.payload,
+                                             env.timestamp_unix_ms)
+        except Reject as exc:
+            log.error("session %s: the runtime's %s %r was refused: %s", session.session_id, env.message_type,
+                      env.message_id, exc)
+            return
+        finally:
+            session.runtime_message = False
+        self._append(session, _incoming(env, env.sender, env.timestamp_unix_ms))
+        session.seen.add(env.message_id)
+        session.compiled.apply(session, plan)
+        self._publish(session, env)
 
     # --- lookups and session RPCs ----------------------------------------------------------------
 
@@ -489,7 +515,7 @@ class Engine:
                     log.warning("sweep: could not record the expiry of session %s", session.session_id)
         cutoff = now - retention_ms
         for session in self.sessions():
-            if session.status in EVICTABLE and session.started_at_ms < cutoff and self._evict(session):
+            if session.status in self._evictable and session.started_at_ms < cutoff and self._evict(session):
                 evicted += 1
         if expired or evicted:
             log.info("sweep: %d sessions expired, %d evicted from memory", expired, evicted)
@@ -497,7 +523,7 @@ class Engine:
 
     def _evict(self, session: Session) -> bool:
         with session.lock:
-            if session.gone or session.status not in EVICTABLE:
+            if session.gone or session.status not in self._evictable:
                 return False
             with self._table_lock:
                 if self._sessions.get(session.session_id) is not session:
@@ -916,7 +942,7 @@ class Engine:
                 return None, (0, 0)
             if env.message_id in existing.seen:
                 return Outcome(True, existing.status), (0, 0)
-            if existing.status in EVICTABLE and existing.started_at_ms < now - self.retention_ms:
+            if existing.status in self._evictable and existing.started_at_ms < now - self.retention_ms:
                 # Past its retention anywhere: the id may begin its next incarnation.
                 with self._table_lock:
                     if self._sessions.get(existing.session_id) is existing:
@@ -1147,6 +1173,10 @@ class Engine:
         if rec.kind == ENTRY_KIND_INCOMING:
             if session.status == OPEN:
                 compiled = session.compiled
+                session.accepted_at_ms = rec.received_at_ms
+                reserved = profiles.RESERVED_MESSAGE_ID_PREFIXES.get((session.semantics_rev, session.mode)) \
+                    if session.semantics_rev else None
+                session.runtime_message = runtime_written = bool(reserved and rec.message_id.startswith(reserved))
                 try:
                     plan = compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
                                              rec.timestamp_unix_ms)
@@ -1157,7 +1187,10 @@ class Engine:
                               session.session_id, rec.message_type, rec.message_id, exc)
                     session.seen.add(rec.message_id)
                     return
-                session.note_activity(rec.sender, rec.received_at_ms)
+                finally:
+                    session.runtime_message = False
+                if not runtime_written:
+                    session.note_activity(rec.sender, rec.received_at_ms)
                 resolution = compiled.apply(session, plan)
                 if resolution is not None:
                     _resolve(session, resolution, rec.message_type, rec.payload, rec.received_at_ms)

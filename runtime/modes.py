@@ -48,6 +48,7 @@ def _is_builtin_file(path: str) -> bool:
 class ModeRegistry:
     def __init__(self, modes: list[CompiledMode]):
         self._lock = threading.RLock()
+        self.commitment_only = False   # the current profile's RegisterExtMode/PromoteMode rules (§11.2)
         self._modes: dict[str, CompiledMode] = {}
         for mode in modes:
             # A later directory may override an earlier spec of the same mode name.
@@ -71,7 +72,9 @@ class ModeRegistry:
         """The built-in specs, the profile's overlay (specs/current/ replaces the v0.4.0 rules of the
         same modes under `current`), then the extra directories."""
         overlay = profile.spec_dirs() if profile is not None else []
-        return cls(load_modes(overlay + list(extra_dirs or [])))
+        registry = cls(load_modes(overlay + list(extra_dirs or [])))
+        registry.commitment_only = bool(profile is not None and profile.ext_mode_commitment_only)
+        return registry
 
     def _refresh(self) -> None:
         modes = list(self._modes.values())
@@ -180,6 +183,13 @@ class ModeRegistry:
             return "extension descriptor must declare at least one message type"
         if is_blank(descriptor.mode_version):
             return "extension descriptor must bind mode_version"
+        if self.commitment_only:   # current.md §11.2: every registered mode must be able to resolve
+            if not descriptor.terminal_message_types:
+                return "extension descriptor must declare at least one terminal message type"
+            for t in descriptor.terminal_message_types:
+                if t != "Commitment":
+                    return (f"dynamically registered modes resolve only on 'Commitment'; terminal message type "
+                            f"'{t}' would never terminate a session")
         for t in descriptor.terminal_message_types:
             if t not in descriptor.message_types:
                 return f"terminal message type '{t}' must also appear in message_types"
@@ -234,6 +244,8 @@ class ModeRegistry:
             if compiled.standards_track:
                 return f"mode '{name}' is already standards-track", ""
             final = new_name if new_name and new_name != name else name
+            if self.commitment_only and final != name and final.startswith("macp.mode."):
+                return f"cannot promote '{name}' into the reserved macp.mode.* namespace", ""
             if final != name and final in self._modes:
                 return f"cannot promote: target name '{final}' already exists", ""
             entry = dict(self._entries.get(name) or {"builtin": name})

@@ -36,6 +36,16 @@ ERROR_DETAILS_TRAILER = "macp-error-details-bin"
 RESERVED_MESSAGE_ID_PREFIXES = {(4, "macp.mode.handoff.v1"): "implicit-accept:"}
 
 
+def synthesizer(semantics_rev: int, mode: str):
+    """The hook that yields the envelopes the runtime itself accepts into a session of this revision
+    and mode before a trigger is judged (current.md §12.4: implicit handoff accepts), or None."""
+    if semantics_rev >= 4 and mode == "macp.mode.handoff.v1":
+        from .specs.hooks.rules4 import due_implicit_accepts
+
+        return due_implicit_accepts
+    return None
+
+
 # --- capabilities (Initialize) -------------------------------------------------------------------
 
 def _capabilities(*, roots_list_changed: bool, current: bool, register_policy: bool = True,
@@ -88,6 +98,12 @@ class Profile:
     session_id_rule: str = _doc("SessionStart session ids")
     stream_inline_errors: bool = _doc("StreamSession: what Send answers in an Ack comes inline (code, message_id, "
                                       "details) and the stream stays open")
+    progress_shape_strict: bool = _doc("Progress: ambient iff session_id and mode are both empty; one empty is "
+                                       "INVALID_ENVELOPE")
+    request_ceiling: bool = _doc("largest gRPC request = MACP_MAX_PAYLOAD_BYTES + 64 KiB (v0.4.0: gRPC's 4 MiB)")
+    evict_cancelled: bool = _doc("the retention sweep also evicts CANCELLED sessions")
+    ext_mode_commitment_only: bool = _doc("RegisterExtMode: terminal types required, `Commitment` the only one; "
+                                          "PromoteMode never into `macp.mode.*`")
     after_sequence_ordinals: bool = _doc("StreamSession `after_sequence` = 1-based accepted-envelope ordinal, "
                                          "exclusive (v0.4.0: raw log index)")
     features: dict = dataclasses.field(default_factory=dict)   # served optional RPCs (receipts, what-if)
@@ -178,7 +194,8 @@ def v040() -> Profile:
                    session_id_rule="a 36-byte id with `-` must be a lowercase UUID v4/v7; else base64url, 22+ chars",
                    honour_max_suspend_ms=False, roots_list_changed=True,
                    paged_list_sessions=False, signals_need_auth=False, lag_is_error=False,
-                   stream_inline_errors=False, after_sequence_ordinals=False)
+                   stream_inline_errors=False, after_sequence_ordinals=False, progress_shape_strict=False,
+                   request_ceiling=False, evict_cancelled=False, ext_mode_commitment_only=False)
 
 
 def current() -> Profile:
@@ -188,7 +205,8 @@ def current() -> Profile:
                    session_id_rule="only UUID-shaped ids must be lowercase v4/v7; else base64url, 22-128 chars",
                    honour_max_suspend_ms=True, roots_list_changed=False,
                    paged_list_sessions=True, signals_need_auth=True, lag_is_error=True,
-                   stream_inline_errors=True, after_sequence_ordinals=True)
+                   stream_inline_errors=True, after_sequence_ordinals=True, progress_shape_strict=True,
+                   request_ceiling=True, evict_cancelled=True, ext_mode_commitment_only=True)
 
 
 PROFILES = {"current": current, "v0.4.0": v040}

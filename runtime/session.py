@@ -28,7 +28,7 @@ class Session:
         "policy_version", "policy", "intent", "context_id", "extension_keys", "ttl_ms",
         "started_at_ms", "deadline_ms", "seen", "activity", "resolution",
         "suspended_at_ms", "accumulated_suspended_ms", "lock", "gone", "log_length", "incarnation",
-        "semantics_rev", "suspend_cap_ms",
+        "semantics_rev", "suspend_cap_ms", "accepted_at_ms", "runtime_message",
         "commitment",
     )
 
@@ -71,6 +71,10 @@ class Session:
         # cap bound at its start: both recorded with the SessionStart, never re-read from the process.
         self.semantics_rev = 0
         self.suspend_cap_ms = MAX_SUSPEND_MS
+        # While a message is judged: the server time it is being accepted at, and whether the runtime
+        # itself wrote it (a synthesized implicit accept, current.md §12.4). Hooks may read both.
+        self.accepted_at_ms = 0
+        self.runtime_message = False
         self.state = compiled.initial_state(self)
 
     def note_activity(self, sender: str, at_ms: int) -> None:

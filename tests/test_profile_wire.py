@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 import uuid
 
 import grpc
@@ -279,3 +280,51 @@ def test_list_sessions_pages_by_session_id(server_factory):
     from macp_sdk import AuthConfig, MacpClient
     with MacpClient(target=srv.target, allow_insecure=True, auth=AuthConfig.for_dev_agent("alice")) as client:
         assert sorted(s.session_id for s in client.list_sessions()) == ids
+
+
+# --- Handoff implicit accept, recorded by the runtime (current.md §12.4) --------------------------
+
+def test_a_timed_out_offer_is_accepted_by_a_recorded_runtime_handoff_accept(server_factory):
+    from macp_sdk import AuthConfig, HandoffSession, MacpClient
+    from macp_sdk.policy import HandoffAcceptanceRules, build_handoff_policy
+    from streamkit import Duplex
+
+    srv = server_factory(env=CURRENT)
+    coord = AuthConfig.for_dev_agent("coord")
+    with MacpClient(target=srv.target, allow_insecure=True, auth=coord, default_timeout=10) as client:
+        policy = build_handoff_policy("handoff.implicit", "", acceptance=HandoffAcceptanceRules(
+            implicit_accept_timeout_ms=300))
+        assert client.register_policy(policy, auth=AuthConfig.for_dev_agent("admin")).ok
+        session = HandoffSession(client, auth=coord, policy_version="handoff.implicit")
+        assert session.start(intent="hand over", participants=["coord", "alice"], ttl_ms=60_000).ok
+        assert session.offer("h1", "alice", scope="on-call").ok
+        time.sleep(0.45)
+        assert session.add_context("h1", content_type="text/plain", context=b"runbook").ok   # the trigger
+        stub = srv.stub()
+        d = Duplex(stub, "coord").subscribe(session.session_id)
+        got = [r.envelope for r in d.recv_n(4)]
+        d.close()
+        assert [e.message_type for e in got] == ["SessionStart", "HandoffOffer", "HandoffAccept", "HandoffContext"]
+        synthetic = got[2]
+        assert (synthetic.message_id, synthetic.sender) == ("implicit-accept:h1", "alice")
+        accepted = handoff_pb2.HandoffAcceptPayload.FromString(synthetic.payload)
+        assert (accepted.implicit, accepted.accepted_by, accepted.reason) == (True, "alice", "implicit accept (timeout)")
+        assert synthetic.timestamp_unix_ms >= got[1].timestamp_unix_ms
+        session.handoff_projection.apply_envelope(synthetic)
+        assert session.handoff_projection.is_implicitly_accepted("h1")
+        md = stub.GetSession(core_pb2.GetSessionRequest(session_id=session.session_id), metadata=bearer("coord"))
+        assert "alice" not in [a.participant_id for a in md.metadata.participant_activity]
+        sid = session.session_id
+    # replay re-applies the recorded accept as data
+    srv.restart()
+    stub = srv.stub()
+    d = Duplex(stub, "coord").subscribe(sid)
+    assert [r.envelope.message_id for r in d.recv_n(4)][2] == "implicit-accept:h1"
+    d.close()
+    # an explicit answer after the deadline is too late; the Commitment is ready
+    late = envelope(HANDOFF, "HandoffAccept", sid, "alice",
+                    handoff_pb2.HandoffAcceptPayload(handoff_id="h1", accepted_by="alice"))
+    assert send(stub, late).error.code == "INVALID_ENVELOPE"
+    done = send(stub, envelope(HANDOFF, "Commitment", sid, "coord", commitment(policy_version="",
+                                                                                action="handoff.accepted")))
+    assert done.ok and done.session_state == RESOLVED

@@ -57,6 +57,9 @@ class Admission:
         elif mtype == "Progress" and not env.session_id:
             if not is_blank(env.mode):
                 raise MacpError(Kind.InvalidEnvelope, detail="an ambient Progress carries no mode")
+        elif mtype == "Progress" and self.profile is not None and self.profile.progress_shape_strict:
+            if is_blank(env.mode):   # current.md §4.1: session-scoped needs both
+                raise MacpError(Kind.InvalidEnvelope, detail="a session-scoped Progress needs a mode")
         elif mtype != "Progress":
             if not env.session_id or is_blank(env.mode):
                 raise MacpError(Kind.InvalidEnvelope, detail="session_id and mode are required")

@@ -47,7 +47,10 @@ class GrpcServer:
         self.transport = Transport(self.engine, self.admission, self.offload, wakeups)
         # Thousands of streams share one connection in some clients: no per-connection stream cap
         # below MACP_MAX_STREAMS (grpc's default is unlimited; say so explicitly).
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        options = [("grpc.so_reuseport", 0)]
+        if self.engine.profile.request_ceiling:   # current.md §4.4: payload limit + 64 KiB envelope allowance
+            options.append(("grpc.max_receive_message_length", self.admission.max_payload_bytes + 65_536))
+        server = grpc.aio.server(options=options)
         add_to_server(self.transport, server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

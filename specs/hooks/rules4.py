@@ -14,7 +14,7 @@ from . import task as task_hooks
 from .common import _NEGATIVE_SUFFIXES, _POSITIVE_SUFFIXES, is_blank
 from .context import HookContext, Reject
 from .governance import Denial
-from .policy_rules import TASK_SCHEMA, rules_for
+from .policy_rules import HANDOFF_SCHEMA, TASK_SCHEMA, rules_for
 
 # --- the Commitment contract (current.md §6.1) ---------------------------------------------------
 
@@ -135,11 +135,6 @@ def target_never_declined(ctx: HookContext) -> bool:
                    for o in ctx.state["offers"].values())
 
 
-def accept_not_implicit(ctx: HookContext) -> bool:
-    """Only the runtime may record an implicit accept."""
-    return not ctx.payload.implicit
-
-
 # --- Multi-round (current.md §12.6) --------------------------------------------------------------
 
 def _canonical_proto(raw: bytes) -> bool:
@@ -183,3 +178,59 @@ def record_contribution(ctx: HookContext) -> None:
     required = [p for p in state["participants"] if p != initiator]
     if contributions and all(p in contributions for p in required) and len(set(contributions.values())) <= 1:
         state["converged"] = True
+
+
+# --- Handoff: the implicit accept, recorded by the runtime (current.md §12.4) ----------------------
+
+IMPLICIT_REASON = "implicit accept (timeout)"
+
+
+def accept_not_implicit(ctx: HookContext) -> bool:
+    """Only the runtime records an implicit accept (a client's `implicit = true` is refused)."""
+    return not ctx.payload.implicit or ctx.session.runtime_message
+
+
+def record_offer(ctx: HookContext) -> None:
+    """The offer, timed by the runtime's acceptance clock (never the envelope's), with the suspended
+    time accumulated so far (suspensions after the offer do not count towards the timeout)."""
+    p = ctx.payload
+    session = ctx.session
+    ctx.state["offers"][p.handoff_id] = {
+        "handoff_id": p.handoff_id, "target_participant": p.target_participant, "scope": p.scope,
+        "reason": p.reason, "offered_by": ctx.sender, "disposition": "Offered", "accepted_by": None,
+        "declined_by": None, "outcome_reason": None, "offered_at_ms": session.accepted_at_ms,
+        "suspended_ms_at_offer": session.accumulated_suspended_ms,
+    }
+
+
+def any_answered(ctx: HookContext) -> bool:
+    """Commitment readiness: some offer Accepted (explicitly or by a recorded implicit accept) or Declined."""
+    return any(o["disposition"] in ("Accepted", "Declined") for o in ctx.state["offers"].values())
+
+
+def due_implicit_accepts(session, now: int) -> list:
+    """The implicit accepts due at `now` (pending offers whose timeout has run, suspended time not
+    counted) as the envelopes the runtime records: id `implicit-accept:<handoff_id>`, sender the
+    target, timestamp the computed deadline, payload `implicit = true`."""
+    from macp.modes.handoff.v1 import handoff_pb2
+    from macp.v1 import envelope_pb2
+
+    timeout = rules_for(session.policy, HANDOFF_SCHEMA)["acceptance"]["implicit_accept_timeout_ms"]
+    if timeout <= 0:
+        return []
+    out = []
+    for hid, offer in session.state["offers"].items():
+        if offer["disposition"] != "Offered":
+            continue
+        suspended = max(session.accumulated_suspended_ms - offer.get("suspended_ms_at_offer", 0), 0)
+        if (now - offer["offered_at_ms"]) - suspended < timeout:
+            continue
+        target = offer["target_participant"]
+        payload = handoff_pb2.HandoffAcceptPayload(handoff_id=hid, accepted_by=target, reason=IMPLICIT_REASON,
+                                                   implicit=True)
+        out.append(envelope_pb2.Envelope(
+            macp_version="1.0", mode=session.mode, message_type="HandoffAccept",
+            message_id=IMPLICIT_ACCEPT_PREFIX + hid, session_id=session.session_id, sender=target,
+            timestamp_unix_ms=offer["offered_at_ms"] + timeout + suspended,
+            payload=payload.SerializeToString(deterministic=True)))
+    return out

@@ -1,0 +1,103 @@
+"""Current-profile deltas of the registry RPCs, the envelope shape and the session lifecycle
+(../shared/spec/current.md §4.1, §4.4, §7, §11.2); each against a v0.4.0 server too, where the answer
+must stay as before.
+"""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from macp.modes.decision.v1 import decision_pb2
+from macp.v1 import core_pb2
+
+from conftest import ServerProcess, bearer, envelope, new_session_id, send, start_payload
+
+MODE = "macp.mode.decision.v1"
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    pair = {name: ServerProcess(str(tmp_path_factory.mktemp(name) / "data"),
+                                {"MACP_PROTOCOL_PROFILE": name, "MACP_MEMORY_ONLY": "1"}).start()
+            for name in ("current", "v0.4.0")}
+    yield pair
+    for srv in pair.values():
+        srv.kill()
+
+
+def descriptor(mode, message_types=("SessionStart", "Ping", "Commitment"), terminal=("Commitment",),
+               mode_version="1.0.0"):
+    return core_pb2.ModeDescriptor(mode=mode, mode_version=mode_version, title="t", message_types=list(message_types),
+                                   terminal_message_types=list(terminal))
+
+
+def register(stub, d):
+    return stub.RegisterExtMode(core_pb2.RegisterExtModeRequest(mode_descriptor=d), metadata=bearer("admin"))
+
+
+@pytest.mark.parametrize("d,current_error,v040_error", [
+    (descriptor("ext.a.v1", terminal=()), "extension descriptor must declare at least one terminal message type", ""),
+    (descriptor("ext.b.v1", message_types=("SessionStart", "Ping", "Done"), terminal=("Done",)),
+     "dynamically registered modes resolve only on 'Commitment'; terminal message type 'Done' would never "
+     "terminate a session", ""),
+    (descriptor("ext.c.v1", message_types=("SessionStart", "Ping"), terminal=("Commitment",)),
+     "terminal message type 'Commitment' must also appear in message_types",
+     "terminal message type 'Commitment' must also appear in message_types"),
+])
+def test_register_ext_mode_validation(servers, d, current_error, v040_error):
+    for profile, error in (("current", current_error), ("v0.4.0", v040_error)):
+        resp = register(servers[profile].stub(), d)
+        assert (resp.ok, resp.error) == (not error, error), profile
+
+
+def test_promote_into_the_reserved_namespace(servers):
+    for profile, ok in (("current", False), ("v0.4.0", True)):
+        stub = servers[profile].stub()
+        assert register(stub, descriptor("ext.promo.v1")).ok
+        resp = stub.PromoteMode(core_pb2.PromoteModeRequest(mode="ext.promo.v1", promoted_mode_name="macp.mode.promo.v1"),
+                                metadata=bearer("admin"))
+        assert resp.ok is ok, profile
+        if not ok:
+            assert resp.error == "cannot promote 'ext.promo.v1' into the reserved macp.mode.* namespace"
+
+
+def test_progress_shape(servers):
+    sid = new_session_id()
+    for profile in ("current", "v0.4.0"):
+        stub = servers[profile].stub()
+        assert send(stub, envelope(MODE, "SessionStart", sid, "coord", start_payload(["alice"]))).ok
+        scoped_without_mode = envelope("", "Progress", sid, "alice", core_pb2.ProgressPayload(progress=1))
+        ack = send(stub, scoped_without_mode)
+        assert (ack.ok, ack.error.code) == ((False, "INVALID_ENVELOPE") if profile == "current" else (True, ""))
+        ambient_with_mode = envelope(MODE, "Progress", "", "alice", core_pb2.ProgressPayload(progress=1))
+        assert send(stub, ambient_with_mode).error.code == "INVALID_ENVELOPE"
+
+
+def test_cancelled_sessions_are_evicted_under_current(server_factory):
+    for profile, evicted in (("current", True), ("v0.4.0", False)):
+        srv = server_factory(env={"MACP_PROTOCOL_PROFILE": profile, "MACP_MEMORY_ONLY": "1",
+                                  "MACP_CLEANUP_INTERVAL_SECS": "0.1", "MACP_SESSION_RETENTION_SECS": "0.3"})
+        stub = srv.stub()
+        sid = new_session_id()
+        assert send(stub, envelope(MODE, "SessionStart", sid, "coord", start_payload(["alice"]))).ok
+        assert stub.CancelSession(core_pb2.CancelSessionRequest(session_id=sid), metadata=bearer("coord")).ack.ok
+        time.sleep(1.0)
+        listed = [s.session_id for s in stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("a")).sessions]
+        assert (sid not in listed) is evicted, profile
+        srv.kill()
+
+
+def test_request_size_ceiling_is_the_payload_limit_plus_64_kib(server_factory):
+    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_MEMORY_ONLY": "1",
+                              "MACP_MAX_PAYLOAD_BYTES": "4194304"})
+    stub = srv.stub()
+    sid = new_session_id()
+    assert send(stub, envelope(MODE, "SessionStart", sid, "coord", start_payload(["alice"]))).ok
+    big = envelope(MODE, "Proposal", sid, "alice", decision_pb2.ProposalPayload(proposal_id="p", option="o",
+                                                                              rationale="x" * 4_200_000))
+    assert send(stub, big).error.code == "PAYLOAD_TOO_LARGE"     # above the limit, below the ceiling
+    huge = envelope(MODE, "Proposal", sid, "alice", b"x" * (4_194_304 + 70_000))
+    with pytest.raises(grpc.RpcError) as info:
+        send(stub, huge)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
