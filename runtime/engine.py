@@ -295,6 +295,8 @@ class Engine:
             policy, effective = bound, effective_id or bound.policy_id
         session = Session(session_id, compiled, initiator, start, policy, started_at, deadline, effective)
         prof = prof or self.profile
+        if prof.bind_descriptor_mode_version and not start.mode_version and compiled.version:
+            session.mode_version = compiled.version   # current.md §5.2 (non-strict extensions only)
         session.semantics_rev = prof.semantics_rev
         session.suspend_cap_ms = suspend_cap_ms or prof.suspend_cap(start.max_suspend_ms)
         try:

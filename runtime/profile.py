@@ -104,6 +104,8 @@ class Profile:
     evict_cancelled: bool = _doc("the retention sweep also evicts CANCELLED sessions")
     ext_mode_commitment_only: bool = _doc("RegisterExtMode: terminal types required, `Commitment` the only one; "
                                           "PromoteMode never into `macp.mode.*`")
+    bind_descriptor_mode_version: bool = _doc("an extension session started without `mode_version` binds the "
+                                              "registered descriptor's version (v0.4.0: binds \"\")")
     after_sequence_ordinals: bool = _doc("StreamSession `after_sequence` = 1-based accepted-envelope ordinal, "
                                          "exclusive (v0.4.0: raw log index)")
     features: dict = dataclasses.field(default_factory=dict)   # served optional RPCs (receipts, what-if)
@@ -195,7 +197,8 @@ def v040() -> Profile:
                    honour_max_suspend_ms=False, roots_list_changed=True,
                    paged_list_sessions=False, signals_need_auth=False, lag_is_error=False,
                    stream_inline_errors=False, after_sequence_ordinals=False, progress_shape_strict=False,
-                   request_ceiling=False, evict_cancelled=False, ext_mode_commitment_only=False)
+                   request_ceiling=False, evict_cancelled=False, ext_mode_commitment_only=False,
+                   bind_descriptor_mode_version=False)
 
 
 def current() -> Profile:
@@ -206,7 +209,8 @@ def current() -> Profile:
                    honour_max_suspend_ms=True, roots_list_changed=False,
                    paged_list_sessions=True, signals_need_auth=True, lag_is_error=True,
                    stream_inline_errors=True, after_sequence_ordinals=True, progress_shape_strict=True,
-                   request_ceiling=True, evict_cancelled=True, ext_mode_commitment_only=True)
+                   request_ceiling=True, evict_cancelled=True, ext_mode_commitment_only=True,
+                   bind_descriptor_mode_version=True)
 
 
 PROFILES = {"current": current, "v0.4.0": v040}

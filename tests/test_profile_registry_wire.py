@@ -101,3 +101,19 @@ def test_request_size_ceiling_is_the_payload_limit_plus_64_kib(server_factory):
     with pytest.raises(grpc.RpcError) as info:
         send(stub, huge)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_an_extension_session_without_mode_version_binds_the_descriptors(servers):
+    from conftest import commitment
+    for profile in ("current", "v0.4.0"):
+        stub = servers[profile].stub()
+        mode = "ext.bind.v1"
+        assert register(stub, descriptor(mode, mode_version="3.1.0")).ok
+        sid = new_session_id()
+        assert send(stub, envelope(mode, "SessionStart", sid, "coord", start_payload(["alice"], mode_version=""))).ok
+        md = stub.GetSession(core_pb2.GetSessionRequest(session_id=sid), metadata=bearer("coord")).metadata
+        bound = "3.1.0" if profile == "current" else ""
+        assert md.mode_version == bound
+        wrong = "" if profile == "current" else "3.1.0"
+        assert not send(stub, envelope(mode, "Commitment", sid, "coord", commitment(mode_version=wrong))).ok
+        assert send(stub, envelope(mode, "Commitment", sid, "coord", commitment(mode_version=bound))).ok

@@ -309,3 +309,17 @@ def test_async_client_drives_a_decision(runtime_server, state_of):
 
     sid = asyncio.run(flow())
     assert state_of(sid, "alice").state == RESOLVED
+
+
+def test_task_give_back_by_the_named_assignee_does_not_make_a_decline_eligible(client):
+    """SDK TaskProjection.negative_commit_eligible: only a decline *before accepting* counts."""
+    pid = registered(client, build_task_policy("sdk.lenient", "reassignment allowed",
+                                               assignment=TaskAssignmentRules(allow_reassignment_on_reject=True)))
+    session = started(TaskSession(client, auth=COORD, policy_version=pid), ["alice", "bob"])
+    assert session.request_task("t1", "build", requested_assignee="alice").ok
+    assert session.accept_task("t1", auth=ALICE).ok
+    assert session.reject_task("t1", reason="giving it back", auth=ALICE).ok
+    assert not session.task_projection.negative_commit_eligible("t1")
+    with pytest.raises(MacpAckError) as info:
+        session.commit(action="task.failed", authority_scope="build", reason="x", outcome_positive=False)
+    assert info.value.failure.code == "INVALID_ENVELOPE"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from .context import HookContext
-from .policy_rules import (COMMITMENT_SCHEMA, HANDOFF_SCHEMA, PROPOSAL_SCHEMA, QUORUM_SCHEMA, TASK_SCHEMA,
+from .policy_rules import (COMMITMENT_SCHEMA, HANDOFF_SCHEMA, PROPOSAL_SCHEMA, QUORUM_SCHEMA, TASK_SCHEMA, U32_MAX,
                            BoundPolicy, RuleTypeError, format_quorum_value, parse_group, quorum_met)
 
 SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
@@ -274,25 +274,25 @@ def policy_threshold(session) -> float | None:
     policy = session.policy
     if policy is None:
         return None
-    try:
-        threshold = parse_group(QUORUM_SCHEMA, policy.rules)["threshold"] if "threshold" in policy.rules else None
-    except RuleTypeError:
+    if "threshold" not in policy.rules:
         return None
-    if threshold is None:
+    try:   # only the threshold group is read (SDK effective_quorum_threshold, the runtime's port)
+        threshold = parse_group(QUORUM_SCHEMA["threshold"], policy.rules["threshold"], "rules.threshold")
+    except RuleTypeError:
         return None
     value = threshold["value"]
     if not value > 0 or not math.isfinite(value):
         return None
     kind = threshold["type"]
     if kind in ("n_of_m", "count"):
-        return max(1, math.ceil(value))
+        return min(max(1, math.ceil(value)), U32_MAX)
     if kind == "percentage":
         p = len(session.participants)
         if p == 0:
             return UNSATISFIABLE
         if value == int(value):
-            return max(1, (int(value) * p + 99) // 100)
-        return max(1, math.ceil(value * p / 100))
+            return min(max(1, (int(value) * p + 99) // 100), U32_MAX)
+        return min(max(1, math.ceil(value * p / 100)), U32_MAX)
     return UNSATISFIABLE
 
 

@@ -112,7 +112,10 @@ def _no_eligible_responder(ctx: HookContext) -> bool:
         return False
     requested = task["requested_assignee"]
     if requested:
-        return _rejected(ctx, requested)
+        # SDK 0.22.0 TaskProjection.negative_commit_eligible: the named assignee *declined before
+        # accepting* (a personal decline, not a give-back). current.md §12.3 says any rejection record;
+        # the SDK code wins.
+        return any(r["assignee"] == requested and not r.get("while_assigned") for r in ctx.state["rejections"])
     return all(_rejected(ctx, p) for p in ctx.session.participants if p != ctx.session.initiator)
 
 
