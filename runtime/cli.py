@@ -245,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     from .logs import configure
 
     configure(cfg.log_level, cfg.log_json)
+    if cfg.policies_dry_run:
+        from .policy_admission import dry_run
+        from .profile import get
+
+        return dry_run(cfg.policies_dir, get(cfg.protocol_profile))
     from .server import serve
 
     return serve(cfg)

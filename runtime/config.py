@@ -43,6 +43,8 @@ class Config:
     protocol_profile: str = "current"     # `current` or `v0.4.0` (runtime/profile.py)
     console_addr: str | None = None       # host:port of the browser console (runtime/console); None = off
     list_sessions_default_page_size: int = 100   # current profile: ListSessions page_size 0
+    policies_dir: str | None = None       # file-loaded, read-only policy registry (current.md §11.3)
+    policies_dry_run: bool = False        # validate MACP_POLICIES_DIR, print a line per file, exit
     list_sessions_max_page_size: int = 1000      # current profile: larger page_size is clamped to this
     # Decision receipts (runtime/receipt_keys.py). The inline seed MACP_RECEIPT_SIGNING_KEY is read from
     # the environment only (never a flag, never logged).
@@ -96,6 +98,8 @@ ENV_VARS = [
     ("MACP_PROTOCOL_PROFILE", "protocol_profile", "str"),
     ("MACP_CONSOLE_ADDR", "console_addr", "str"),
     ("MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE", "list_sessions_default_page_size", "posint"),
+    ("MACP_POLICIES_DIR", "policies_dir", "str"),
+    ("MACP_POLICIES_DRY_RUN", "policies_dry_run", "flag1"),
     ("MACP_LIST_SESSIONS_MAX_PAGE_SIZE", "list_sessions_max_page_size", "posint"),
     ("MACP_RECEIPT_SIGNING_KEY_FILE", "receipt_signing_key_file", "str"),
     ("MACP_RECEIPT_KEY_ID", "receipt_key_id", "str"),
@@ -221,6 +225,8 @@ def _validate(cfg: Config) -> list[str]:
     if cfg.protocol_profile not in PROFILES:
         problems.append(f"MACP_PROTOCOL_PROFILE must be one of {', '.join(sorted(PROFILES))}, "
                         f"got {cfg.protocol_profile!r}")
+    if cfg.policies_dry_run and not cfg.policies_dir:
+        problems.append("MACP_POLICIES_DRY_RUN=1 needs MACP_POLICIES_DIR")
     if cfg.list_sessions_default_page_size > cfg.list_sessions_max_page_size:
         problems.append("MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE must not exceed MACP_LIST_SESSIONS_MAX_PAGE_SIZE")
     if not cfg.receipt_issuer:

@@ -230,6 +230,7 @@ class PolicyRegistry:
         # The current line (runtime/profile.py) admits with runtime/policy_admission.py and lists the
         # three RFC-MACP-0012 §5.2 governance profiles beside policy.default; v0.4.0 as documented above.
         self._current = profile is not None and profile.semantics_rev >= 4
+        self.read_only = False   # MACP_POLICIES_DIR: Register/UnregisterPolicy refused (REGISTRY_READ_ONLY)
         self._builtin: dict[str, BoundPolicy] = {DEFAULT_POLICY_ID: default_policy()}
         if self._current:
             from .policy_admission import std_profiles

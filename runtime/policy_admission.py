@@ -253,3 +253,88 @@ def admission_error(policy_id: str, mode: str, rules_text: str, schema_version: 
         if problem:
             return PREFIX + problem, None
     return None, rules
+
+
+# --- MACP_POLICIES_DIR (current.md §11.3, §16.2) ---------------------------------------------------
+
+READ_ONLY = "policy registry is read-only: policies are file-loaded via MACP_POLICIES_DIR"
+_MEMBERS = ("policy_id", "mode", "description", "rules", "schema_version")
+
+
+def _file_descriptor(path: str) -> tuple:
+    """(policy_id, mode, description, rules_text, schema_version) of one policy file; ValueError."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    if not isinstance(doc, dict):
+        raise ValueError("a policy file holds one JSON object")
+    missing = [m for m in _MEMBERS if m not in doc]
+    if missing:
+        raise ValueError(f"missing member(s): {', '.join(missing)}")
+    if not isinstance(doc["rules"], dict):
+        raise ValueError("rules must be a JSON object")
+    for m in ("policy_id", "mode", "description"):
+        if not isinstance(doc[m], str):
+            raise ValueError(f"{m} must be a string")
+    if isinstance(doc["schema_version"], bool) or not isinstance(doc["schema_version"], int) \
+            or doc["schema_version"] < 0:
+        raise ValueError("schema_version must be a non-negative integer")
+    return doc["policy_id"], doc["mode"], doc["description"], json.dumps(doc["rules"]), doc["schema_version"]
+
+
+def load_dir(registry, directory: str) -> list[tuple[str, str | None, str]]:
+    """Register every `*.json` of `directory` (file-name order) through `registry.register`.
+    Returns [(file name, policy_id or None, "" or the problem)], stopping at the first problem."""
+    import glob
+    import os
+
+    if not os.path.isdir(directory):
+        raise OSError(f"MACP_POLICIES_DIR {directory!r} is not a readable directory")
+    out = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        name = os.path.basename(path)
+        try:
+            policy_id, mode, description, rules, version = _file_descriptor(path)
+        except (OSError, ValueError) as exc:
+            out.append((name, None, f"invalid policy file {path}: {exc}"))
+            return out
+        error = registry.register(policy_id, mode, description, rules, version)
+        if error is not None:
+            out.append((name, policy_id, f"policy file {path} rejected: {error}"))
+            return out
+        out.append((name, policy_id, ""))
+    return out
+
+
+def dry_run(directory: str, profile) -> int:
+    """MACP_POLICIES_DRY_RUN=1: validate every file against a scratch registry, one line per file."""
+    import glob
+    import os
+
+    from .policies import PolicyRegistry
+
+    registry = PolicyRegistry(profile=profile)
+    ok = True
+    try:
+        paths = sorted(glob.glob(os.path.join(directory, "*.json"))) if os.path.isdir(directory) else None
+    except OSError:
+        paths = None
+    if paths is None:
+        print(f"REJECTED {directory}: not a readable directory")
+        return 1
+    for path in paths:
+        name = os.path.basename(path)
+        try:
+            policy_id, mode, description, rules, version = _file_descriptor(path)
+        except (OSError, ValueError) as exc:
+            print(f"REJECTED {name}: {exc}")
+            ok = False
+            continue
+        error = registry.register(policy_id, mode, description, rules, version)
+        if error is None:
+            print(f"OK {name} {policy_id}")
+        else:
+            print(f"REJECTED {name}: {error}")
+            ok = False
+    return 0 if ok else 1

@@ -39,6 +39,22 @@ log = logging.getLogger("macp_runtime.server")
 SHUTDOWN_GRACE_S = 10.0
 
 
+def _file_loaded_policies(directory: str, prof) -> PolicyRegistry:
+    from .policy_admission import load_dir
+
+    policies = PolicyRegistry(None, prof)
+    try:
+        results = load_dir(policies, directory)
+    except OSError as exc:
+        raise StartupError(str(exc)) from None
+    for name, policy_id, problem in results:
+        if problem:
+            raise StartupError(problem)
+    policies.read_only = True
+    log.info("policy registry: %d policies file-loaded from %s (read-only)", len(results), directory)
+    return policies
+
+
 class StartupError(Exception):
     pass
 
@@ -104,7 +120,10 @@ class Runtime:
             return shared_documents or open_documents(cfg.memory_only, cfg.data_dir)
 
         try:  # policies first: replay must not depend on them, but new sessions bind against them
-            policies = PolicyRegistry(documents(), prof)
+            if cfg.policies_dir:   # file-loaded and read-only (current.md §11.3), before recovery
+                policies = _file_loaded_policies(cfg.policies_dir, prof)
+            else:
+                policies = PolicyRegistry(documents(), prof)
         except StorageError as exc:
             raise StartupError(f"cannot load the policy registry: {exc}") from None
         try:  # registered and promoted modes before replay: their sessions replay through them

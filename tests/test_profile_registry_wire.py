@@ -117,3 +117,56 @@ def test_an_extension_session_without_mode_version_binds_the_descriptors(servers
         wrong = "" if profile == "current" else "3.1.0"
         assert not send(stub, envelope(mode, "Commitment", sid, "coord", commitment(mode_version=wrong))).ok
         assert send(stub, envelope(mode, "Commitment", sid, "coord", commitment(mode_version=bound))).ok
+
+
+# --- MACP_POLICIES_DIR: a file-loaded, read-only policy registry (current.md §11.3) --------------------
+
+def _policy_file(directory, name, **doc):
+    import json
+    full = {"policy_id": "file.p", "mode": MODE, "description": "from a file",
+            "rules": {"voting": {"algorithm": "majority"}}, "schema_version": 2}
+    full.update(doc)
+    (directory / name).write_text(json.dumps(full))
+
+
+def test_policies_dir_loads_read_only(server_factory, tmp_path):
+    from macp.v1 import policy_pb2
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    _policy_file(pdir, "a.json", policy_id="file.a")
+    _policy_file(pdir, "b.json", policy_id="file.b", mode="*", rules={})
+    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_POLICIES_DIR": str(pdir)})
+    stub = srv.stub()
+    ids = [d.policy_id for d in stub.ListPolicies(policy_pb2.ListPoliciesRequest(), metadata=bearer("a")).descriptors]
+    assert "file.a" in ids and "file.b" in ids
+    init = stub.Initialize(core_pb2.InitializeRequest(supported_protocol_versions=["1.0"]))
+    assert not init.capabilities.policy_registry.register_policy
+    for call, req in ((stub.RegisterPolicy, policy_pb2.RegisterPolicyRequest()),
+                      (stub.UnregisterPolicy, policy_pb2.UnregisterPolicyRequest(policy_id="file.a"))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(req)                                            # refused before authentication
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert info.value.details() == "policy registry is read-only: policies are file-loaded via MACP_POLICIES_DIR"
+        assert dict(info.value.trailing_metadata())["macp-error-code"] == "REGISTRY_READ_ONLY"
+
+
+def test_a_rejected_policy_file_aborts_startup_and_the_dry_run_reports_each_file(server_factory, tmp_path):
+    import os
+    import subprocess
+    import sys
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    _policy_file(pdir, "1-good.json", policy_id="file.good")
+    _policy_file(pdir, "2-bad.json", policy_id="file.bad", rules={"voting": {"algorithm": "Majority"}})
+    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_POLICIES_DIR": str(pdir)}, start=False)
+    srv.start(wait=False)
+    assert srv.proc.wait(20) == 1
+    assert "2-bad.json rejected: INVALID_POLICY_DEFINITION: voting.algorithm 'Majority'" in srv.log()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MACP_")}
+    env.update(MACP_POLICIES_DIR=str(pdir), MACP_POLICIES_DRY_RUN="1")
+    out = subprocess.run([sys.executable, "-m", "macp_runtime", "serve"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert lines[0] == "OK 1-good.json file.good"
+    assert lines[1].startswith("REJECTED 2-bad.json: INVALID_POLICY_DEFINITION: voting.algorithm 'Majority'")

@@ -35,7 +35,7 @@ class DiscoveryHandler:
             selected_protocol_version=PROTOCOL_VERSION,
             runtime_info=core_pb2.RuntimeInfo(name=RUNTIME_NAME, title=RUNTIME_TITLE, version=profile.runtime_version,
                                               description=f"{RUNTIME_DESCRIPTION} (macp-runtime-python {__version__})"),
-            capabilities=profile.capabilities(),
+            capabilities=profile.capabilities(register_policy=not self.t.engine.policies.read_only),
             supported_modes=self.t.engine.modes.names,
             instructions=INSTRUCTIONS,
         )

@@ -25,8 +25,16 @@ class PolicyHandler:
     def __init__(self, t):
         self.t = t
 
+    async def _refuse_if_read_only(self, context) -> None:
+        """current.md §11.3: before authentication."""
+        if self.t.engine.policies.read_only:
+            from ..policy_admission import READ_ONLY
+            await abort(context, self.t.engine.profile, grpc.StatusCode.FAILED_PRECONDITION, READ_ONLY,
+                        "REGISTRY_READ_ONLY")
+
     async def RegisterPolicy(self, request, context):
         t = self.t
+        await self._refuse_if_read_only(context)
         await t.admission.require_registry_manager(context)
         if not request.HasField("policy_descriptor"):
             await abort(context, self.t.engine.profile, grpc.StatusCode.INVALID_ARGUMENT, "descriptor required",
@@ -45,6 +53,7 @@ class PolicyHandler:
 
     async def UnregisterPolicy(self, request, context):
         t = self.t
+        await self._refuse_if_read_only(context)
         await t.admission.require_registry_manager(context)
         try:
             error = await t.offload(t.engine.policies.unregister, request.policy_id)
