@@ -476,7 +476,11 @@ class Engine:
                 raise MacpError(Kind.SessionNotOpen, detail="only a suspended session can be resumed")
             now = self.clock()
             banked = max(0, now - session.suspended_at_ms)
-            payload = core_pb2.SessionResumePayload(reason=reason, resumed_by=identity.sender, banked_ms=banked)
+            # The record's banked_ms: the suspended duration (v0.4.0), or the TTL remaining at suspend
+            # (current.md §7, RFC-MACP-0001 §7.5). Replay derives the deadline from the recorded times.
+            recorded = (max(0, session.deadline_ms - session.suspended_at_ms)
+                        if profiles.for_rev(session.semantics_rev).resume_records_remaining_ttl else banked)
+            payload = core_pb2.SessionResumePayload(reason=reason, resumed_by=identity.sender, banked_ms=recorded)
             self._append(session, _internal(session, "SessionResume", payload.SerializeToString(), now))
             if _resume(session, banked):
                 self._emit(RESUMED_EVENT, session, now)

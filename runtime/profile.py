@@ -106,6 +106,10 @@ class Profile:
                                           "PromoteMode never into `macp.mode.*`")
     bind_descriptor_mode_version: bool = _doc("an extension session started without `mode_version` binds the "
                                               "registered descriptor's version (v0.4.0: binds \"\")")
+    created_once: bool = _doc("WatchSessions: a CREATED buffered during the initial sync is dropped for "
+                              "sessions the sync listed")
+    resume_records_remaining_ttl: bool = _doc("the SessionResume record's `banked_ms` is the TTL remaining at "
+                                              "suspend (v0.4.0: the suspended duration)")
     after_sequence_ordinals: bool = _doc("StreamSession `after_sequence` = 1-based accepted-envelope ordinal, "
                                          "exclusive (v0.4.0: raw log index)")
     features: dict = dataclasses.field(default_factory=dict)   # served optional RPCs (receipts, what-if)
@@ -198,7 +202,7 @@ def v040() -> Profile:
                    paged_list_sessions=False, signals_need_auth=False, lag_is_error=False,
                    stream_inline_errors=False, after_sequence_ordinals=False, progress_shape_strict=False,
                    request_ceiling=False, evict_cancelled=False, ext_mode_commitment_only=False,
-                   bind_descriptor_mode_version=False)
+                   bind_descriptor_mode_version=False, created_once=False, resume_records_remaining_ttl=False)
 
 
 def current() -> Profile:
@@ -210,7 +214,7 @@ def current() -> Profile:
                    paged_list_sessions=True, signals_need_auth=True, lag_is_error=True,
                    stream_inline_errors=True, after_sequence_ordinals=True, progress_shape_strict=True,
                    request_ceiling=True, evict_cancelled=True, ext_mode_commitment_only=True,
-                   bind_descriptor_mode_version=True)
+                   bind_descriptor_mode_version=True, created_once=True, resume_records_remaining_ttl=True)
 
 
 PROFILES = {"current": current, "v0.4.0": v040}

@@ -170,3 +170,47 @@ def test_a_rejected_policy_file_aborts_startup_and_the_dry_run_reports_each_file
     lines = out.stdout.splitlines()
     assert lines[0] == "OK 1-good.json file.good"
     assert lines[1].startswith("REJECTED 2-bad.json: INVALID_POLICY_DEFINITION: voting.algorithm 'Majority'")
+
+
+def test_resume_record_banks_the_remaining_ttl_under_current():
+    """In process: the SessionResume record's banked_ms per revision (current.md §7)."""
+    from macp_runtime import profile as profiles
+    from macp_runtime.auth import Identity
+    from macp_runtime.engine import Engine
+    from macp_runtime.modes import ModeRegistry
+    from macp_runtime.policies import PolicyRegistry
+    from macp_runtime.storage import MemoryStore
+
+    for name, expected in (("current", 60_000 - 1_000), ("v0.4.0", 5_000)):
+        prof = profiles.get(name)
+        clock = [1_700_000_000_000]
+        store = MemoryStore()
+        store.open()
+        engine = Engine(ModeRegistry.from_spec_dirs(profile=prof), PolicyRegistry(profile=prof), store,
+                        clock=lambda: clock[0], profile=prof)
+        sid = new_session_id()
+        env = envelope(MODE, "SessionStart", sid, "coord", start_payload(["alice"], ttl_ms=60_000))
+        env.timestamp_unix_ms = clock[0]
+        engine.start_session(env, Identity("coord"))
+        clock[0] += 1_000
+        engine.suspend_session(sid, Identity("coord"), "pause")
+        clock[0] += 5_000
+        engine.resume_session(sid, Identity("coord"), "go")
+        resume = [r for r in store.history(sid) if r.message_type == "SessionResume"][0]
+        assert core_pb2.SessionResumePayload.FromString(resume.payload).banked_ms == expected, name
+        assert engine.lookup(sid).deadline_ms == 1_700_000_000_000 + 60_000 + 5_000
+
+
+def test_watch_sessions_announces_each_session_once(servers):
+    stub = servers["current"].stub()
+    sid = new_session_id()
+    assert send(stub, envelope(MODE, "SessionStart", sid, "coord", start_payload(["alice"]))).ok
+    call = stub.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=bearer("coord"), timeout=5)
+    created = []
+    try:
+        for frame in call:
+            if frame.event.event_type == core_pb2.SessionLifecycleEvent.EVENT_TYPE_CREATED:
+                created.append(frame.event.session.session_id)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert created.count(sid) == 1

@@ -191,12 +191,30 @@ class SessionHandler:
             if t.engine.closing.is_set():
                 sub.cancel()
                 return
-            first = [created_event(s) for s in t.engine.sessions()]
-            async for frame in watch(bell, sub, lifecycle_response, first,
+            synced = t.engine.sessions()
+            first = [created_event(s) for s in synced]
+            render = lifecycle_response
+            if t.engine.profile.created_once:   # current.md §7: one CREATED per session (sync wins)
+                render = _once_created({s.session_id for s in synced})
+            async for frame in watch(bell, sub, render, first,
                                      lagged=on_lag(context, t.engine.profile, "WatchSessions", "events")):
                 yield frame
         finally:
             t.admission.streams.release()
+
+
+def _once_created(synced: set):
+    """A lifecycle renderer that drops a buffered CREATED of a session the initial sync already
+    listed (once per id: a later incarnation of the id is announced again)."""
+    from ..engine import CREATED
+
+    def render(item):
+        event, session, _ = item
+        if event == CREATED and session.session_id in synced:
+            synced.discard(session.session_id)
+            return None
+        return lifecycle_response(item)
+    return render
 
 
 def _page_token(session) -> str:
