@@ -94,6 +94,11 @@ class CompiledMode:
 
     # -- the two steps the engine runs around the commit point ------------------------------------
 
+    def may_send(self, session, sender: str, message_type: str) -> bool:
+        """The authorisation step of `evaluate` alone (no payload is looked at)."""
+        allowed = self.senders.get(message_type, self.unlisted_senders)
+        return any(role(session, sender) for role in allowed)
+
     def evaluate(self, session, sender: str, message_type: str, raw: bytes, timestamp_ms: int):
         """Judge a message without changing anything. Returns a plan for `apply` or raises Reject."""
         allowed = self.senders.get(message_type, self.unlisted_senders)

@@ -337,7 +337,8 @@ class Engine:
             if reserved is not None and env.message_id.startswith(reserved):
                 raise MacpError(Kind.InvalidEnvelope, detail=f"message ids starting {reserved!r} are the runtime's")
             synthesize = profiles.synthesizer(session.semantics_rev, session.mode)
-            if synthesize is not None:
+            if synthesize is not None and session.compiled.may_send(session, identity.sender, env.message_type):
+                # after the trigger's authorisation, before its validation (current.md §12.4)
                 for synthetic in synthesize(session, now):
                     if synthetic.message_id not in session.seen:
                         self._accept_synthetic(session, synthetic)
@@ -363,6 +364,28 @@ class Engine:
         elif self.checkpoint_interval:
             self._interval_checkpoint(session, now)
         return Outcome(False, session.status)
+
+    def _emit_due_synthetic(self, now: int) -> None:
+        """Eager emission (current.md §12.4 SHOULD): on every sweep, each open session of a revision
+        and mode with a synthesizer gets the envelopes due by now, under its lock, as a trigger would."""
+        if self.shared:
+            return   # several instances: only triggers synthesize (the conditional append decides)
+        for session in self.sessions():
+            if not session.semantics_rev or session.status != OPEN or now > session.deadline_ms:
+                continue
+            synthesize = profiles.synthesizer(session.semantics_rev, session.mode)
+            if synthesize is None:
+                continue
+            with session.lock:
+                if session.gone or session.status != OPEN:
+                    continue
+                try:
+                    for synthetic in synthesize(session, now):
+                        if synthetic.message_id not in session.seen:
+                            self._accept_synthetic(session, synthetic)
+                except MacpError as exc:
+                    log.warning("sweep: could not record a runtime envelope of session %s: %s",
+                                session.session_id, exc)
 
     def _accept_synthetic(self, session: Session, env) -> None:
         """An envelope the runtime writes itself (an implicit handoff accept, current.md §12.4): judged
@@ -506,6 +529,7 @@ class Engine:
         if self.shared:
             self.refresh_sessions()
         now = self.clock()
+        self._emit_due_synthetic(now)
         for session in self.sessions():
             if session.status != OPEN or now <= session.deadline_ms:
                 continue

@@ -328,3 +328,23 @@ def test_a_timed_out_offer_is_accepted_by_a_recorded_runtime_handoff_accept(serv
     done = send(stub, envelope(HANDOFF, "Commitment", sid, "coord", commitment(policy_version="",
                                                                                 action="handoff.accepted")))
     assert done.ok and done.session_state == RESOLVED
+
+
+def test_the_sweep_records_a_due_implicit_accept_without_a_trigger(server_factory):
+    from macp.v1 import policy_pb2
+    from streamkit import Duplex
+
+    srv = server_factory(env={**CURRENT, "MACP_CLEANUP_INTERVAL_SECS": "0.1", "MACP_MEMORY_ONLY": "1"})
+    stub = srv.stub()
+    assert stub.RegisterPolicy(policy_pb2.RegisterPolicyRequest(policy_descriptor=policy_pb2.PolicyDescriptor(
+        policy_id="h.eager", mode=HANDOFF, rules=json.dumps({"acceptance": {"implicit_accept_timeout_ms": 200}}),
+        schema_version=1)), metadata=bearer("admin")).ok
+    sid, ack = start(stub, mode=HANDOFF, participants=("coord", "alice"), policy_version="h.eager")
+    assert ack.ok
+    d = Duplex(stub, "coord").subscribe(sid)
+    d.recv_n(1)
+    assert send(stub, envelope(HANDOFF, "HandoffOffer", sid, "coord", handoff_pb2.HandoffOfferPayload(
+        handoff_id="h1", target_participant="alice"))).ok
+    got = d.recv_n(2, timeout=5)                       # the offer, then the sweep's implicit accept
+    assert [r.envelope.message_id for r in got][1] == "implicit-accept:h1"
+    d.close()
