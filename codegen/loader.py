@@ -30,6 +30,9 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
     result.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (list, dict)):   # `[]: 1` or `{a: 1}: 2` — YAML allows it, a spec never means it
+            raise SpecError(loader.name, "", "a mapping key must be a name, not a list or mapping",
+                            key_node.start_mark.line + 1)
         if key in result:
             raise SpecError(loader.name, str(key), "duplicate key", key_node.start_mark.line + 1)
         result[key] = loader.construct_object(value_node, deep=True)
