@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 
 from .auth import AuthConfigError, build_authenticator
@@ -37,6 +38,7 @@ from .transport.service import SERVICE_NAME
 log = logging.getLogger("macp_runtime.server")
 
 SHUTDOWN_GRACE_S = 10.0
+GIL_SWITCH_S = 0.0005   # measured: durable 2x4 ratio 0.59 at 0.5 ms against 0.44 at the default 5 ms
 
 
 def _file_loaded_policies(directory: str, prof) -> PolicyRegistry:
@@ -297,4 +299,9 @@ async def run(cfg: Config, services=()) -> int:
 
 
 def serve(cfg: Config, services=()) -> int:
+    # The loop thread is busy nearly all the time under load; the group commit's flusher thread needs
+    # the GIL briefly to start a batch and to answer it. At the default 5 ms switch interval each of
+    # those waits up to 5 ms for the loop to let go, which is what a Send waits for at low
+    # concurrency; a shorter interval hands the GIL over sooner (sys.setswitchinterval is public API).
+    sys.setswitchinterval(GIL_SWITCH_S)
     return asyncio.run(run(cfg, services))
