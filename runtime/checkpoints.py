@@ -72,7 +72,8 @@ def snapshot(session: Session, *, exact: bool) -> SessionSnapshot:
         mode_state=state.encode("utf-8"), policy_definition=session.policy.to_json() if session.policy else "",
         accumulated_suspended_ms=session.accumulated_suspended_ms, entries_covered=session.log_length,
         mode_spec_digest=compiled.digest if getattr(compiled, "source_text", None) is not None else "",
-        semantics_rev=session.semantics_rev, bound_max_suspend_ms=session.suspend_cap_ms)
+        semantics_rev=session.semantics_rev, bound_max_suspend_ms=session.suspend_cap_ms,
+        suspension_intervals=[t for pair in session.suspensions for t in pair])
     if session.resolution is not None:
         snap.resolution = session.resolution
     if session.suspended_at_ms is not None:
@@ -159,6 +160,8 @@ def restore(session_id: str, record: LogRecord, compiled_for, policy_for) -> Ses
         session.commitment = (snap.commitment_wire, snap.committed_at_ms)
     session.accumulated_suspended_ms = snap.accumulated_suspended_ms
     session.semantics_rev = snap.semantics_rev
+    flat = list(snap.suspension_intervals)
+    session.suspensions = tuple(zip(flat[0::2], flat[1::2]))
     if snap.bound_max_suspend_ms > 0:
         session.suspend_cap_ms = snap.bound_max_suspend_ms
     return session

@@ -1338,6 +1338,8 @@ def _resolve(session: Session, resolution: bytes, message_type: str, payload: by
 def _resume(session: Session, banked: int) -> bool:
     """Bank the suspended time: True when the session is OPEN again, False when the 7-day cap expired it."""
     session.accumulated_suspended_ms += banked
+    if session.semantics_rev and session.suspended_at_ms is not None:   # the interval, for §12.4's deadline
+        session.suspensions += ((session.suspended_at_ms, session.suspended_at_ms + banked),)
     session.suspended_at_ms = None
     if session.accumulated_suspended_ms > session.suspend_cap_ms:
         session.status = EXPIRED

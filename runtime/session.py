@@ -28,7 +28,7 @@ class Session:
         "policy_version", "policy", "intent", "context_id", "extension_keys", "ttl_ms",
         "started_at_ms", "deadline_ms", "seen", "activity", "resolution",
         "suspended_at_ms", "accumulated_suspended_ms", "lock", "gone", "log_length", "incarnation",
-        "semantics_rev", "suspend_cap_ms", "accepted_at_ms", "runtime_message",
+        "semantics_rev", "suspend_cap_ms", "accepted_at_ms", "runtime_message", "suspensions",
         "commitment",
     )
 
@@ -75,6 +75,7 @@ class Session:
         # itself wrote it (a synthesized implicit accept, current.md §12.4). Hooks may read both.
         self.accepted_at_ms = 0
         self.runtime_message = False
+        self.suspensions: tuple = ()   # completed (suspended_at, resumed_at) pairs, current line only
         self.state = compiled.initial_state(self)
 
     def note_activity(self, sender: str, at_ms: int) -> None:

@@ -348,3 +348,39 @@ def test_the_sweep_records_a_due_implicit_accept_without_a_trigger(server_factor
     got = d.recv_n(2, timeout=5)                       # the offer, then the sweep's implicit accept
     assert [r.envelope.message_id for r in got][1] == "implicit-accept:h1"
     d.close()
+
+
+def test_the_implicit_accept_deadline_skips_suspended_time_only_before_it():
+    from macp_runtime.specs.hooks.rules4 import implicit_accept_deadline as deadline
+    assert deadline(1000, 300, ()) == 1300
+    assert deadline(1000, 300, [(1100, 1200)]) == 1400                 # paused inside: moves it
+    assert deadline(1000, 300, [(500, 1100)]) == 1400                  # paused across the offer: the part after
+    assert deadline(1000, 300, [(1300, 5000)]) == 1300                 # paused at/after the deadline: no move
+    assert deadline(1000, 300, [(1250, 1280), (1320, 1400)]) == 1410   # the second pause starts before 1330
+
+
+def test_a_pause_after_the_deadline_does_not_move_the_implicit_accept(server_factory):
+    from macp.v1 import policy_pb2
+
+    srv = server_factory(env={**CURRENT, "MACP_MEMORY_ONLY": "1"})
+    stub = srv.stub()
+    assert stub.RegisterPolicy(policy_pb2.RegisterPolicyRequest(policy_descriptor=policy_pb2.PolicyDescriptor(
+        policy_id="h.late", mode=HANDOFF, rules=json.dumps({"acceptance": {"implicit_accept_timeout_ms": 200}}),
+        schema_version=1)), metadata=bearer("admin")).ok
+    sid, ack = start(stub, mode=HANDOFF, participants=("coord", "alice"), policy_version="h.late")
+    assert ack.ok
+    assert send(stub, envelope(HANDOFF, "HandoffOffer", sid, "coord", handoff_pb2.HandoffOfferPayload(
+        handoff_id="h1", target_participant="alice"))).ok
+    time.sleep(0.4)
+    before_pause = int(time.time() * 1000)
+    assert stub.SuspendSession(core_pb2.SuspendSessionRequest(session_id=sid), metadata=bearer("coord")).ack.ok
+    time.sleep(0.5)
+    assert stub.ResumeSession(core_pb2.ResumeSessionRequest(session_id=sid), metadata=bearer("coord")).ack.ok
+    assert send(stub, envelope(HANDOFF, "HandoffContext", sid, "coord", handoff_pb2.HandoffContextPayload(
+        handoff_id="h1", content_type="text/plain", context=b"x"))).ok
+    from streamkit import Duplex
+    d = Duplex(stub, "coord").subscribe(sid)
+    got = [r.envelope for r in d.recv_n(4)]
+    d.close()
+    assert got[2].message_id == "implicit-accept:h1"
+    assert got[2].timestamp_unix_ms <= before_pause        # the 500 ms pause came after the deadline

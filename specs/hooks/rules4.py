@@ -225,8 +225,8 @@ def due_implicit_accepts(session, now: int) -> list:
     for hid, offer in session.state["offers"].items():
         if offer["disposition"] != "Offered":
             continue
-        suspended = max(session.accumulated_suspended_ms - offer.get("suspended_ms_at_offer", 0), 0)
-        if (now - offer["offered_at_ms"]) - suspended < timeout:
+        deadline = implicit_accept_deadline(offer["offered_at_ms"], timeout, session.suspensions)
+        if now < deadline:
             continue
         target = offer["target_participant"]
         payload = handoff_pb2.HandoffAcceptPayload(handoff_id=hid, accepted_by=target, reason=IMPLICIT_REASON,
@@ -234,6 +234,20 @@ def due_implicit_accepts(session, now: int) -> list:
         out.append(envelope_pb2.Envelope(
             macp_version="1.0", mode=session.mode, message_type="HandoffAccept",
             message_id=IMPLICIT_ACCEPT_PREFIX + hid, session_id=session.session_id, sender=target,
-            timestamp_unix_ms=offer["offered_at_ms"] + timeout + suspended,
+            timestamp_unix_ms=deadline,
             payload=payload.SerializeToString(deterministic=True)))
     return out
+
+
+def implicit_accept_deadline(offered_at: int, timeout: int, suspensions) -> int:
+    """The earliest t with (t - offered_at) - (suspended time inside [offered_at, t]) >= timeout, from
+    the session's completed suspensions: a pause starting at or after the deadline does not move it."""
+    deadline = offered_at + timeout
+    for start, end in sorted(suspensions):
+        if end <= offered_at:
+            continue
+        start = max(start, offered_at)
+        if start >= deadline:
+            break
+        deadline += end - start
+    return deadline
