@@ -27,8 +27,6 @@ import logging
 import threading
 import zlib
 
-from macp.v1 import core_pb2
-
 from .session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, Session
 from .storage import ENTRY_KIND_CHECKPOINT, LogRecord, SessionSnapshot
 from .storage.base import CHECKPOINT, TERMINAL_CHECKPOINT
