@@ -154,13 +154,13 @@ class Engine:
         self.metrics = NO_METRICS                          # replaced by the server when metrics are on
         self.spec_archive = None                           # SpecArchive of a durable runtime
         # Several instances over one shared store (PostgreSQL): see "multi-instance" below.
-        self.shared = bool(getattr(store, "shared", False))
+        self.shared = store.shared                          # a SharedStore (storage/base.py)
         self.retention_ms = DEFAULT_RETENTION_MS
         self._evicted: dict[str, int] = {}                 # shared: id -> incarnation evicted here
         self.cluster = None                                # ClusterBus (runtime/cluster.py) when shared
         self.receipts = None                               # receipts.Receipts: keys and issuer (server.py)
         # Checkpoints (runtime/checkpoints.py): written to a durable store of one instance only.
-        self.checkpoints = bool(getattr(store, "durable", False)) and not self.shared
+        self.checkpoints = store.durable and not self.shared
         self.checkpoint_interval = 0                       # MACP_CHECKPOINT_INTERVAL (0 = off)
         self._checkpointer = Checkpointer(self._write_terminal_checkpoints)
         self._policy_cache: dict[str, BoundPolicy] = {}    # binding JSON -> policy, during recovery
@@ -169,7 +169,7 @@ class Engine:
         # event, after the commit point and under the session's lock. They must never block.
         self.observers: tuple = ()
         # Deferred commit (see `deferring`): a thread that sets it appends without waiting.
-        self.defers = hasattr(store, "append_deferred") and not self.shared
+        self.defers = store.defers and not self.shared
         self._local = threading.local()
         self._pending: dict[str, Pending] = {}             # session id -> its latest record not yet durable
         self._pending_lock = threading.Lock()

@@ -70,7 +70,7 @@ class Metrics(NoMetrics):
                          registry=r)
         watchers.labels("sessions").set_function(lambda: len(engine.lifecycle))
         watchers.labels("signals").set_function(lambda: len(engine.signals))
-        if getattr(store, "durable", False) and hasattr(store, "sync_count"):
+        if store.counts_syncs:
             r.register(_StoreCollector(store))
         for event in EVENT_OUTCOMES.values():
             self._sessions.labels(event)

@@ -211,8 +211,7 @@ class DocumentKeySet:
         self.documents = documents
 
     def locked(self):
-        locked = getattr(self.documents, "locked", None)
-        return locked(DOCUMENT) if locked is not None else contextlib.nullcontext()
+        return self.documents.locked(DOCUMENT)   # a DocumentStore (storage/base.py)
 
     def stamp(self):
         return None   # changes arrive as notifications (runtime/cluster.py), not by polling

@@ -1,10 +1,11 @@
 """Session history storage: the `Store` interface and its implementations.
 
-`open_store()` picks the implementation once at start-up; the engine only sees `Store`.
+`open_store()` picks the implementation once at start-up; the engine only sees `Store` (a `SharedStore`
+when several instances share it) and registries see a `DocumentStore`.
 """
 from __future__ import annotations
 
-from .base import RecoveryReport, StorageError, Store
+from .base import DocumentStore, RecoveryReport, SharedStore, StorageError, Store
 from .file_log import DEFAULT_DATA_DIR, FileLogStore
 from .memory import MemoryStore
 from .records_pb2 import (
@@ -20,6 +21,8 @@ from .records_pb2 import (
 
 __all__ = [
     "Store",
+    "SharedStore",
+    "DocumentStore",
     "StorageError",
     "RecoveryReport",
     "LogRecord",

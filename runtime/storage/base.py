@@ -1,13 +1,16 @@
-"""The one interface every store implements.
+"""The storage contracts: `Store` (session histories, every backend), `SharedStore` (histories several
+instances append to) and `DocumentStore` (registry documents).
 
-The engine talks only to this interface; which store sits behind it (memory, the embedded
-file log, later a database) is chosen once at start-up.
+The kernel talks only to these interfaces and reads a backend's capabilities from the attributes they
+declare (`durable`, `shared`, `defers`), never by probing; which store sits behind them (memory, the
+embedded file log, PostgreSQL) is chosen once at start-up.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
-from typing import Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 from .records_pb2 import ENTRY_KIND_CHECKPOINT, ENTRY_KIND_INCOMING, LogRecord
 
@@ -62,8 +65,15 @@ class Store(abc.ABC):
     #: True when `append` returns only after the record is on stable storage.
     durable: bool = False
     #: True when other runtime instances append to the same sessions (storage/postgres.py): the engine
-    #: then appends conditionally (`append(record, expect=...)`) and catches up on AppendConflict.
+    #: then appends conditionally (`append(record, expect=...)`) and catches up on AppendConflict. A
+    #: store that sets it is a `SharedStore` and implements the methods declared there.
     shared: bool = False
+    #: True when `append_deferred` is implemented: the kernel may queue a record and be told once it is
+    #: durable (the file log's group commit) instead of waiting in `append`.
+    defers: bool = False
+    #: True when the store counts its group commits in `sync_count` / `synced_records` (the file log),
+    #: which the metrics endpoint then exports.
+    counts_syncs: bool = False
 
     @abc.abstractmethod
     def open(self) -> RecoveryReport:
@@ -81,6 +91,11 @@ class Store(abc.ABC):
         not; in that case the record must not appear in any later history or replay.
         Safe to call from many threads at once; records of one session keep their call order.
         """
+
+    def append_deferred(self, record: LogRecord, done: Callable[[int | None, BaseException | None], None]) -> None:
+        """Queue one record; `done(index, None)` once it is durable, `done(None, error)` when it can no
+        longer become durable. Only stores with `defers = True` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not defer appends")
 
     def append_many(self, records: list[LogRecord], linger: float = 0.0) -> list[int]:
         """Append several records (e.g. checkpoints of several sessions); their indices, in order.
@@ -119,3 +134,68 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Flush and release files. Further calls are errors."""
+
+
+class SharedStore(Store):
+    """A store several runtime instances append to at once (MACP_STORAGE_BACKEND=postgres). Besides the
+    `Store` methods, the kernel's multi-instance path (engine catch-up, recovery, eviction, checkpoints of
+    the history it keeps) uses exactly these."""
+
+    durable = True
+    shared = True
+
+    @abc.abstractmethod
+    def append(self, record: LogRecord, expect: tuple[int, int] | None = None) -> int:  # type: ignore[override]
+        """`Store.append`, conditional when `expect` = (incarnation, length) is given: raises
+        AppendConflict when another instance has appended to the session since then."""
+
+    @abc.abstractmethod
+    def load(self, session_id: str) -> tuple[int, list[LogRecord]] | None:
+        """The session's latest incarnation and its records, or None when the store has none."""
+
+    @abc.abstractmethod
+    def since(self, session_id: str, incarnation: int, length: int) -> tuple[int, list[LogRecord], bool]:
+        """What other instances appended after (incarnation, length): (incarnation, new records, replaced),
+        replaced = True when a newer incarnation superseded the one asked about (records then start it)."""
+
+    @abc.abstractmethod
+    def history_upto(self, session_id: str, incarnation: int, length: int) -> list[LogRecord]:
+        """The first `length` records of that incarnation (what this instance has applied)."""
+
+    @abc.abstractmethod
+    def overview(self) -> list[tuple[str, int, int]]:
+        """(session id, incarnation, length) of every stored session, for catch-up after a gap."""
+
+    @abc.abstractmethod
+    def load_many(self, session_ids: list[str]) -> dict[str, tuple[int, list[LogRecord]]]:
+        """`load` for several sessions in one round trip (ids the store lacks are absent)."""
+
+    @abc.abstractmethod
+    def replay_shared(self) -> Iterator[tuple[str, int, list[LogRecord]]]:
+        """Recovery: every stored session as (id, incarnation, records)."""
+
+    @abc.abstractmethod
+    def documents(self) -> DocumentStore:
+        """The registry documents kept beside the sessions, shared by every instance."""
+
+
+class DocumentStore(abc.ABC):
+    """Small named JSON documents rewritten whole (policy, mode and receipt-key registries, spec archive)."""
+
+    #: True when `save` returns only after the document is on stable storage.
+    durable: bool = False
+    #: True when other runtime instances read and write the same documents.
+    shared: bool = False
+
+    @abc.abstractmethod
+    def load(self, name: str) -> Any:
+        """The stored document, or None when there is none. A damaged document raises StorageError."""
+
+    @abc.abstractmethod
+    def save(self, name: str, doc: Any) -> None:
+        """Replace the document (all or nothing)."""
+
+    def locked(self, name: str) -> ContextManager[Any]:
+        """A context in which this name's load-modify-save is exclusive across every instance that shares
+        the documents; a no-op where only one process writes them."""
+        return contextlib.nullcontext()

@@ -10,10 +10,10 @@ import json
 import os
 import threading
 
-from .base import StorageError
+from .base import DocumentStore, StorageError
 
 
-class MemoryDocuments:
+class MemoryDocuments(DocumentStore):
     """Documents kept in memory only (MACP_MEMORY_ONLY): nothing survives a restart."""
 
     durable = False
@@ -31,7 +31,7 @@ class MemoryDocuments:
             self._docs[name] = json.loads(json.dumps(doc))
 
 
-class FileDocuments:
+class FileDocuments(DocumentStore):
     """`<data_dir>/registry/<name>.json`, replaced atomically and durably on every save."""
 
     durable = True

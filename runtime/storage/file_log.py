@@ -189,6 +189,8 @@ class _Segment:
 
 class FileLogStore(Store):
     durable = True
+    defers = True
+    counts_syncs = True
 
     def __init__(
         self,

@@ -27,7 +27,7 @@ import threading
 import uuid
 from typing import Iterator
 
-from .base import AppendConflict, RecoveryReport, StorageError, Store, starts_incarnation
+from .base import AppendConflict, DocumentStore, RecoveryReport, SharedStore, StorageError, starts_incarnation
 from .records_pb2 import ENTRY_KIND_INCOMING, LogRecord
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _import_driver():
     return psycopg, psycopg_pool
 
 
-class PostgresStore(Store):
+class PostgresStore(SharedStore):
     durable = True
     shared = True
 
@@ -313,7 +313,7 @@ class PostgresStore(Store):
         return PostgresDocuments(self)
 
 
-class PostgresDocuments:
+class PostgresDocuments(DocumentStore):
     """Registry documents in `macp_documents`, shared by every instance.
 
     `save` NOTIFYs `macp_registry` ("name origin") in the same transaction, so other instances reload
