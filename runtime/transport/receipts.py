@@ -14,6 +14,7 @@ from macp.v1 import core_pb2
 from ..errors import PERMISSION_DENIED, Kind, MacpError, StatusError
 from ..receipts import ReceiptUnavailable
 from ..whatif import WhatIfError, what_if
+from .commit import _durable
 from .status import abort, abort_status_error, error_status
 
 log = logging.getLogger("macp_runtime.receipts")
@@ -55,6 +56,12 @@ class ReceiptHandler:
         except StatusError as exc:
             await abort_status_error(context, profile, exc)
         except MacpError as exc:
+            await abort(context, profile, *error_status(exc), exc.code)
+        # Deferred commit: the session's state may be ahead of its durable log for a moment. A receipt
+        # attests a Commitment and a replay reads the log, so both wait until it is durable.
+        error = await _durable(t, request.session_id)
+        if error is not None:
+            exc = MacpError(Kind.StorageFailed, detail=str(error))
             await abort(context, profile, *error_status(exc), exc.code)
         return session
 
