@@ -1197,19 +1197,29 @@ class Engine:
         with session.lock:
             return read(session)
 
+    @staticmethod
+    def judge_logged(session: Session, rec: LogRecord):
+        """Judge a logged envelope as replay does (also WhatIfReplay): at its recorded acceptance time,
+        a runtime-written record (implicit accept) recognised as such. (plan, runtime_written), or
+        raises Reject; changes nothing."""
+        session.accepted_at_ms = rec.received_at_ms
+        reserved = profiles.RESERVED_MESSAGE_ID_PREFIXES.get((session.semantics_rev, session.mode)) \
+            if session.semantics_rev else None
+        session.runtime_message = runtime_written = bool(reserved and rec.message_id.startswith(reserved))
+        try:
+            plan = session.compiled.evaluate(session, rec.sender, rec.message_type, rec.payload, rec.timestamp_unix_ms)
+        finally:
+            session.runtime_message = False
+        return plan, runtime_written
+
     def _replay_record(self, session: Session, rec: LogRecord, strict: bool = True) -> None:
         """Apply one logged record: during replay (checkpoints before the last one are skipped), or a
         record another instance appended (`strict=False`: it is durable whatever this instance thinks)."""
         if rec.kind == ENTRY_KIND_INCOMING:
             if session.status == OPEN:
                 compiled = session.compiled
-                session.accepted_at_ms = rec.received_at_ms
-                reserved = profiles.RESERVED_MESSAGE_ID_PREFIXES.get((session.semantics_rev, session.mode)) \
-                    if session.semantics_rev else None
-                session.runtime_message = runtime_written = bool(reserved and rec.message_id.startswith(reserved))
                 try:
-                    plan = compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
-                                             rec.timestamp_unix_ms)
+                    plan, runtime_written = self.judge_logged(session, rec)
                 except Reject as exc:
                     if strict:
                         raise ValueError(f"replay of {rec.message_type} {rec.message_id!r} was refused: {exc}") from None
@@ -1217,8 +1227,6 @@ class Engine:
                               session.session_id, rec.message_type, rec.message_id, exc)
                     session.seen.add(rec.message_id)
                     return
-                finally:
-                    session.runtime_message = False
                 if not runtime_written:
                     session.note_activity(rec.sender, rec.received_at_ms)
                 resolution = compiled.apply(session, plan)

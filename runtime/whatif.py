@@ -127,16 +127,16 @@ def _replay(engine, records, policy: BoundPolicy, recorded_id: str) -> tuple[lis
             if rec.message_id in session.seen:   # cannot happen in a recorded history; judged as the kernel would
                 outcomes.append(_Outcome(APPLIED, session.status))
                 continue
-            try:
-                plan = session.compiled.evaluate(session, rec.sender, rec.message_type, rec.payload,
-                                                 rec.timestamp_unix_ms)
+            try:   # as the kernel's replay judges it (recorded time, runtime-written implicit accepts)
+                plan, runtime_written = engine.judge_logged(session, rec)
             except Reject as exc:
                 err = MacpError(Kind[exc.kind], reasons=exc.reasons, detail=exc.detail or str(exc),
                                 reason=exc.detail or "; ".join(exc.reasons))   # as the engine's Ack
                 outcomes.append(_refused(err, session.status, engine.profile))
                 continue
             session.seen.add(rec.message_id)
-            session.note_activity(rec.sender, rec.received_at_ms)
+            if not runtime_written:
+                session.note_activity(rec.sender, rec.received_at_ms)
             resolution = session.compiled.apply(session, plan)
             if resolution is not None:
                 session.resolution = resolution

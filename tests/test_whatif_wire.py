@@ -408,3 +408,30 @@ def test_recorded_lifecycle_records_are_replayed_where_they_happened(runtime_ser
     assert len(response.entries) == 3
     assert response.recorded.state == response.candidate.state == envelope_pb2.SESSION_STATE_CANCELLED
     assert all(e.recorded.kind == Kinds.KIND_APPLIED and e.recorded.state == OPEN for e in response.entries)
+
+
+def test_a_recorded_implicit_accept_is_replayed_as_the_record_it_is(server_factory):
+    """current.md §15.3: a runtime-written implicit HandoffAccept is an entry like any other and is
+    applied in both replays (no new synthetic accept is generated)."""
+    from macp_sdk import HandoffSession
+    from macp_sdk.policy import HandoffAcceptanceRules, build_handoff_policy
+
+    srv = server_factory(env=CURRENT)
+    coord = AuthConfig.for_dev_agent("coord")
+    policy = build_handoff_policy("handoff.implicit", "", acceptance=HandoffAcceptanceRules(
+        implicit_accept_timeout_ms=300))
+    with MacpClient(target=srv.target, allow_insecure=True, auth=coord, default_timeout=10) as client:
+        assert client.register_policy(policy, auth=AuthConfig.for_dev_agent("admin")).ok
+        session = HandoffSession(client, auth=coord, policy_version="handoff.implicit")
+        assert session.start(intent="hand over", participants=["coord", "alice"], ttl_ms=60_000).ok
+        assert session.offer("h1", "alice", scope="on-call").ok
+        time.sleep(0.45)
+        assert session.add_context("h1", content_type="text/plain", context=b"runbook").ok   # the trigger
+        assert session.commit(action="handoff.accepted", authority_scope="on-call", reason="implicit").ok
+        response = client.what_if_replay(session.session_id, policy, auth=AuthConfig.for_dev_agent("alice"))
+        receipt = client.get_decision_receipt(session.session_id).receipt
+    assert [e.message_id for e in response.entries][2] == "implicit-accept:h1"
+    assert all(e.recorded.kind == Kinds.KIND_APPLIED for e in response.entries)
+    assert response.recorded.state == RESOLVED and response.recorded.resolved_by_history_index == 4
+    assert not response.HasField("first_divergence")
+    assert receipt["commitment"]["action"] == "handoff.accepted"
