@@ -6,8 +6,9 @@ the engine fires the shared machine's events against it.
 """
 from __future__ import annotations
 
-import glob
 import functools
+import gc
+import glob
 import hashlib
 import importlib
 import importlib.util
@@ -99,8 +100,24 @@ class CompiledMode:
         allowed = self.senders.get(message_type, self.unlisted_senders)
         return any(role(session, sender) for role in allowed)
 
-    def evaluate(self, session, sender: str, message_type: str, raw: bytes, timestamp_ms: int):
-        """Judge a message without changing anything. Returns a plan for `apply` or raises Reject."""
+    def evaluate(self, session, sender: str, message_type: str, raw: bytes, timestamp_ms: int) -> "Next":
+        """Judge a message and compute the session's next state, without changing the session.
+
+        Everything the mode decides runs here, before the commit point: roles, decoding, guards,
+        readiness, policy, then the effects on a copy of the mode state, the next phase and the
+        resolution. Raises Reject when the message is refused; a hook that raises anything else
+        is a refusal too (InvalidModeState), so a broken hook can never leave a durable message
+        the session cannot apply (replay takes the same path).
+        """
+        try:
+            return self._judge(session, sender, message_type, raw, timestamp_ms)
+        except Reject:
+            raise
+        except Exception as exc:   # a hook failed: refused before anything is durable
+            raise Reject("InvalidModeState", detail=f"a hook of {self.name} failed on {message_type}: "
+                                                    f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def _judge(self, session, sender, message_type, raw, timestamp_ms) -> "Next":
         allowed = self.senders.get(message_type, self.unlisted_senders)
         if not any(role(session, sender) for role in allowed):
             raise Reject("Forbidden", detail=f"{sender!r} may not send {message_type}")
@@ -127,22 +144,181 @@ class CompiledMode:
                 reasons = transition.policy(ctx)
                 if reasons:
                     raise Reject("PolicyDenied", *reasons)
-        return transition, ctx
-
-    def apply(self, session, plan) -> bytes | None:
-        """Apply an accepted message (after it is durable). Returns resolution bytes when it commits."""
-        transition, ctx = plan
-        for effect in transition.effects:
-            effect(ctx)
-        self._events[transition.message].trigger(session, ctx)
+        state = session.state
+        txn = None
+        if transition.effects:   # on a copy: the live session's state is only replaced after the commit
+            if type(state) is dict:
+                txn = _Txn()
+                ctx.state = StateCopy(state, txn)
+            else:
+                ctx.state = copy_state(state)
+            for effect in transition.effects:
+                effect(ctx)
+        phase = transition.branches[-1].phase
+        for branch in transition.branches:   # what the machine's event would pick: the first branch that holds
+            if branch.when is None or branch.when(ctx):
+                phase = branch.phase
+                break
+        resolution = None
         if transition.commit:
-            return transition.resolution(ctx) if transition.resolution is not None else ctx.raw
-        return None
+            resolution = transition.resolution(ctx) if transition.resolution is not None else ctx.raw
+            if not isinstance(resolution, (bytes, bytearray)):
+                raise TypeError(f"the resolution hook returned {type(resolution).__name__}, not bytes")
+        if txn is not None:
+            txn.open = False   # the copies become plain values of the next state
+        state = dict(ctx.state) if type(ctx.state) is StateCopy else ctx.state
+        return Next(transition, ctx, state, phase, resolution)
+
+    @staticmethod
+    def apply(session, nxt: "Next") -> bytes | None:
+        """Swap the judged next state in (after the record is durable). Returns the resolution bytes
+        when the message commits the session. Runs no hook: it cannot fail."""
+        session.state = nxt.state
+        session.phase = nxt.phase
+        return nxt.resolution
 
     def check_start(self, session) -> None:
         for check in self.start_checks:
             if not check(session):
                 raise Reject("InvalidPayload", detail=f"SessionStart refused by {self.name}: {hook_text(check)}")
+
+
+class Next:
+    """A judged message: the transition it takes and the session's state, phase and resolution after it."""
+
+    __slots__ = ("transition", "ctx", "state", "phase", "resolution")
+
+    def __init__(self, transition, ctx, state, phase, resolution):
+        self.transition = transition
+        self.ctx = ctx
+        self.state = state
+        self.phase = phase
+        self.resolution = resolution
+
+
+_CONTAINERS = (dict, list, set)
+
+
+def copy_state(value):
+    """A deep copy of a mode state value: dicts, lists and sets are copied; everything else (strings,
+    numbers, tuples, decoded payloads) is shared as immutable."""
+    kind = type(value)
+    if kind is dict or kind is StateCopy:
+        return {k: copy_state(v) for k, v in dict.items(value)}
+    if kind is list or kind is ListCopy:
+        return [copy_state(v) for v in list.__iter__(value)]
+    if kind is set:
+        return set(value)
+    return value
+
+
+class _Txn:
+    """One judging: the copies made for it are writable copies only while it is open."""
+
+    __slots__ = ("open",)
+
+    def __init__(self):
+        self.open = True
+
+
+def _take(container, value, txn, store):
+    """`value` as the open judging may change it: a copy of its own (made once, shallow, by C), the
+    live value stays as it was."""
+    kind = type(value)
+    if kind is dict or kind is list or kind is set or (
+            (kind is StateCopy or kind is ListCopy) and value._txn is not txn):
+        value = StateCopy(value, txn) if kind is dict or kind is StateCopy else \
+            ListCopy(value, txn) if kind is list or kind is ListCopy else set(value)
+        store(value)
+    return value
+
+
+class StateCopy(dict):
+    """The mode state as effects, phase conditions and the resolution see it: copied lazily along the
+    paths hooks touch. Each dict or list is copied (shallow, in C) the first time it is reached, so a
+    message that adds one entry to a large state copies only the containers on the way to it, and
+    big strings and payloads are never copied at all. The live state is never changed. Once the
+    judging is over (`_txn.open` false) a StateCopy left in the state behaves as a plain dict."""
+
+    __slots__ = ("_txn",)
+
+    def __init__(self, live, txn: _Txn):
+        dict.__init__(self, live)
+        self._txn = txn
+
+    def _own(self, key):
+        value = dict.__getitem__(self, key)
+        txn = self._txn
+        if not txn.open:
+            return value
+        return _take(self, value, txn, lambda v: dict.__setitem__(self, key, v))
+
+    def __getitem__(self, key):
+        return self._own(key)
+
+    def get(self, key, default=None):
+        return self._own(key) if key in self else default
+
+    def setdefault(self, key, default=None):
+        if key in self:
+            return self._own(key)
+        dict.__setitem__(self, key, default)
+        return default
+
+    def pop(self, key, *default):
+        if key in self:
+            value = self._own(key)
+            dict.__delitem__(self, key)
+            return value
+        return dict.pop(self, key, *default)
+
+    def items(self):
+        if not self._txn.open:
+            return dict.items(self)
+        return [(k, self._own(k)) for k in list(dict.keys(self))]
+
+    def values(self):
+        if not self._txn.open:
+            return dict.values(self)
+        return [self._own(k) for k in list(dict.keys(self))]
+
+    def copy(self):
+        return dict(self.items())
+
+
+class ListCopy(list):
+    """A list of the mode state, copied lazily like StateCopy (elements on access or iteration)."""
+
+    __slots__ = ("_txn",)
+
+    def __init__(self, live, txn: _Txn):
+        list.__init__(self, list.__iter__(live))
+        self._txn = txn
+
+    def _own(self, index):
+        value = list.__getitem__(self, index)
+        txn = self._txn
+        if not txn.open:
+            return value
+        return _take(self, value, txn, lambda v: list.__setitem__(self, index, v))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._own(i) for i in range(*index.indices(len(self)))]
+        return self._own(index)
+
+    def __iter__(self):
+        if not self._txn.open:
+            return list.__iter__(self)
+        return (self._own(i) for i in range(len(self)))
+
+    def pop(self, index=-1):
+        value = self._own(index)
+        list.pop(self, index)
+        return value
+
+    def copy(self):
+        return list(self.__iter__())
 
 
 # --- compilation ---------------------------------------------------------------------------------
@@ -202,6 +378,7 @@ class _HookResolver:
         if module_ref:
             self.modules.append(self._load(module_ref, spec_dir))
         self.common = importlib.import_module(f"{HOOKS_PACKAGE}.common")
+        self._memo: dict = {}
 
     def _load(self, ref: str, spec_dir: str):
         try:
@@ -244,17 +421,34 @@ class _HookResolver:
         return None, f"hook {name!r} does not exist{suggest(name, known + elsewhere, 'hooks')}"
 
     def get(self, node, path: str, name: Any, key=None) -> Callable:
+        """A hook reference resolved (memoised: a generated spec names the same hooks many times)."""
+        arity = 2 if path.startswith("roles.") or path.startswith("roles[") else 1
+        try:
+            memo_key = (json.dumps(name, sort_keys=True, default=str), arity, key == "hook")
+        except (TypeError, ValueError):
+            memo_key = None
+        if memo_key is not None:
+            hit = self._memo.get(memo_key)
+            if hit is not None:
+                return hit
+        fn = self._get(node, path, name, key)
+        if memo_key is not None:
+            self._memo[memo_key] = fn
+        return fn
+
+    def _get(self, node, path: str, name: Any, key=None) -> Callable:
         """Resolve a hook reference: `name`, `module.name`, or `{hook: name, <param>: value, ...}`.
 
         The mapping form binds parameters, so one generic hook serves many specs
         (e.g. `{hook: generic.all_participants_sent, message: SignOff}`).
         """
+        arity = 2 if path.startswith("roles.") or path.startswith("roles[") else 1
         if isinstance(name, dict):
             params = {k: v for k, v in name.items() if k != "hook"}
             fn = self.get(name, path, name.get("hook"), "hook")
             try:
-                inspect.signature(fn).bind_partial(None, **params)
-            except TypeError as exc:
+                inspect.signature(fn).bind(*([None] * arity), **params)
+            except (TypeError, ValueError) as exc:
                 raise self.ctx.fail(name, path, f"bad parameters for hook {name.get('hook')!r}: {exc}") from None
             bound = functools.partial(fn, **params)
             bound.__name__ = hook_label(name)
@@ -265,6 +459,8 @@ class _HookResolver:
             raise self.ctx.fail(node, path, "a hook name must be a non-empty string or {hook: name, ...}", key)
         if "." in name:
             mod_name, _, attr = name.rpartition(".")
+            if not mod_name.isidentifier():
+                raise self.ctx.fail(node, path, f"unknown hook module {mod_name!r} in {name!r}", key)
             if mod_name == "common":
                 module = self.common
             else:
@@ -272,15 +468,22 @@ class _HookResolver:
                     module = importlib.import_module(f"{HOOKS_PACKAGE}.{mod_name}")
                 except ImportError:
                     raise self.ctx.fail(node, path, f"unknown hook module {mod_name!r} in {name!r}", key) from None
-            fn = getattr(module, attr, None)
+            fn = _public_function(module, attr)
         else:
             fn = None
             for module in self.modules:
-                fn = getattr(module, name, None)
+                fn = _public_function(module, name)
                 if fn is not None:
                     break
-        if not callable(fn):
-            raise self.ctx.fail(node, path, f"hook {name!r} does not exist", key)
+        if fn is None:
+            raise self.ctx.fail(node, path, f"hook {name!r} does not exist (a hook is a public function defined "
+                                            f"in its hook module)", key)
+        if key != "hook":   # the {hook: ..., params} form checks its signature with the parameters above
+            try:
+                inspect.signature(fn).bind(*([None] * arity))
+            except (TypeError, ValueError):
+                raise self.ctx.fail(node, path, f"hook {name!r} does not take {arity} argument(s) as a "
+                                                f"{'role' if arity == 2 else 'hook'} here", key) from None
         return fn
 
 
@@ -322,6 +525,17 @@ def hook_text(fn: Callable) -> str:
     """What a resolved hook checks, in prose with its parameters filled in (reasons, docs)."""
     text = getattr(fn, "__macp_text__", None)
     return text if text is not None else describe(fn)
+
+
+def _public_function(module, attr: str):
+    """`module.attr` when it is a public function defined in that module itself (not one it imports,
+    not a class, not a private helper), else None."""
+    if not isinstance(attr, str) or not attr or attr.startswith("_"):
+        return None
+    fn = getattr(module, attr, None)
+    if not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+        return None
+    return fn
 
 
 def hook_label(ref: Any) -> str:
@@ -390,6 +604,22 @@ def _require(ctx: _Ctx, node: dict, key: str, path: str, kind, what: str):
     return value
 
 
+def _opt_str(ctx: _Ctx, node: dict, key, path: str) -> str:
+    """An optional text value: a string (numbers are taken as written), never a list or mapping."""
+    value = node.get(key, "")
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ctx.fail(node, f"{path}.{key}", "must be a string", key)
+    return str(value)
+
+
+def _scalar_str(ctx: _Ctx, node: dict, key, path: str) -> str:
+    if isinstance(key, bool) or not isinstance(key, (str, int, float)):
+        raise ctx.fail(node, path, f"keys must be strings, got {type(key).__name__}")
+    return str(key)
+
+
 def _unknown_keys(ctx: _Ctx, node: dict, allowed: set, path: str):
     for key in node:
         if key not in allowed:
@@ -421,7 +651,27 @@ def _str_list(ctx: _Ctx, node: dict, key: str, path: str, required=True) -> list
 
 
 def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = None) -> CompiledMode:
-    """Validate `spec` (as returned by the loader) and build its CompiledMode."""
+    """Validate `spec` (as returned by the loader) and build its CompiledMode. Raises SpecError only:
+    whatever else a spec provokes (a message type that collides with a machine attribute, a value of
+    an unexpected type, nesting too deep) is reported as a SpecError too."""
+    # A large spec allocates many long-lived objects and frees none: cyclic GC passes over them would
+    # make the compile time grow faster than the spec.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _compile_spec(spec, file, overrides)
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(file, "", "the spec is nested too deeply") from None
+    except Exception as exc:
+        raise SpecError(file, "", f"the spec cannot be compiled: {type(exc).__name__}: {str(exc)[:200]}") from None
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _compile_spec(spec: LineDict, file: str, overrides: dict | None) -> CompiledMode:
     ctx = _Ctx(file)
     if not isinstance(spec, dict):
         raise ctx.fail(None, "", "a mode spec must be a mapping")
@@ -444,6 +694,8 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
     if spec["spec_version"] != 1:
         raise ctx.fail(spec, "spec_version", "only spec_version 1 is understood", "spec_version")
     name = _require(ctx, spec, "mode", "", str, "a string")
+    if not isinstance(spec["version"], (str, int, float)) or isinstance(spec["version"], bool):
+        raise ctx.fail(spec, "version", "must be a string", "version")
     version = str(spec["version"])
     overrides = overrides or {}
     if overrides.get("mode"):
@@ -462,8 +714,9 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
     _unknown_keys(ctx, desc_node, DESCRIPTOR_KEYS, "descriptor")
     message_types = _str_list(ctx, desc_node, "message_types", "descriptor")
     terminal_types = _str_list(ctx, desc_node, "terminal_message_types", "descriptor", required=False)
+    declared_types = frozenset(message_types)   # membership tests stay O(1) for specs with many types
     for t in terminal_types:
-        if t not in message_types:
+        if t not in declared_types:
             raise ctx.fail(desc_node, "descriptor.terminal_message_types",
                            f"terminal message type {t!r} must also appear in message_types", "terminal_message_types")
     schema_uris = desc_node.get("schema_uris", {}) or {}
@@ -471,11 +724,14 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
         raise ctx.fail(desc_node, "descriptor.schema_uris", "must be a mapping", "schema_uris")
     descriptor = core_pb2.ModeDescriptor(
         mode=name, mode_version=version,
-        title=str(desc_node.get("title", "")), description=str(desc_node.get("description", "")),
-        determinism_class=str(desc_node.get("determinism_class", "")),
-        participant_model=str(desc_node.get("participant_model", "")),
+        title=_opt_str(ctx, desc_node, "title", "descriptor"),
+        description=_opt_str(ctx, desc_node, "description", "descriptor"),
+        determinism_class=_opt_str(ctx, desc_node, "determinism_class", "descriptor"),
+        participant_model=_opt_str(ctx, desc_node, "participant_model", "descriptor"),
         message_types=message_types, terminal_message_types=terminal_types,
-        schema_uris={str(k): str(v) for k, v in schema_uris.items()},
+        schema_uris={_scalar_str(ctx, schema_uris, k, "descriptor.schema_uris"): _opt_str(ctx, schema_uris, k,
+                                                                                         "descriptor.schema_uris")
+                     for k in schema_uris},
     )
 
     # phases
@@ -618,7 +874,7 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
         msg = _require(ctx, node, "message", path, str, "a message type")
         if msg == "SessionStart":
             raise ctx.fail(node, f"{path}.message", "SessionStart is handled by the engine, not by transitions", "message")
-        if msg not in message_types:
+        if msg not in declared_types:
             raise ctx.fail(node, f"{path}.message", f"message type {msg!r} is not in descriptor.message_types", "message")
         if msg not in payloads:
             raise ctx.fail(node, f"{path}.message", f"message type {msg!r} has no payload binding in payloads", "message")
@@ -669,7 +925,7 @@ def _transition(ctx: _Ctx, hooks: _HookResolver, node: dict, path: str, msg: str
             raise ctx.fail(g, f"{gpath}.reject", f"unknown rejection {kind!r} (known: {', '.join(Reject.KINDS)})",
                            "reject")
         check = hooks.get(g, f"{gpath}.check", g.get("check"), "check")
-        guards.append(Guard(check, kind, str(g.get("why", "") or hook_text(check)), hook_label(g.get("check"))))
+        guards.append(Guard(check, kind, _opt_str(ctx, g, "why", gpath) or hook_text(check), hook_label(g.get("check"))))
     effect_refs = _hook_list(ctx, node, "effects", path)
     effects = tuple(hooks.get(node, f"{path}.effects", e, "effects") for e in effect_refs)
     effect_names = [hook_label(e) for e in effect_refs]

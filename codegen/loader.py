@@ -20,8 +20,61 @@ class LineDict(dict):
         self.source: str | None = None   # the YAML text, on the top-level mapping only
 
 
+MAX_DEPTH = 64                 # nesting of mappings and lists in a spec, aliases expanded
+MAX_EXPANDED_NODES = 100_000   # values in a spec with every alias expanded
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader with bounds: nesting depth, and the size the document has once its aliases are
+    expanded (a few hundred bytes of nested aliases expand to gigabytes). Both are checked on the
+    composed node graph before anything is constructed, in time linear in the document."""
+
+    _depth = 0
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(self.name, node)
+        return node
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise SpecError(self.name, "", f"the spec is nested more than {MAX_DEPTH} levels deep", mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_expansion(name: str, root) -> None:
+    """Expanded size and depth of the node graph, memoised per node (an alias is the same node object)."""
+    memo: dict[int, tuple[int, int]] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in memo:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            memo[key] = (1, 1)
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value))
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in memo)
+            continue
+        size = 1 + sum(memo[id(c)][0] for c in children)
+        depth = 1 + max((memo[id(c)][1] for c in children), default=0)
+        if size > MAX_EXPANDED_NODES:
+            raise SpecError(name, "", f"the spec expands to more than {MAX_EXPANDED_NODES} values "
+                                      f"(aliases counted as often as they are used)", node.start_mark.line + 1)
+        if depth > MAX_DEPTH:
+            raise SpecError(name, "", f"the spec is nested more than {MAX_DEPTH} levels deep (aliases expanded)",
+                            node.start_mark.line + 1)
+        memo[key] = (size, depth)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
@@ -30,8 +83,8 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
     result.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, (list, dict)):   # `[]: 1` or `{a: 1}: 2` — YAML allows it, a spec never means it
-            raise SpecError(loader.name, "", "a mapping key must be a name, not a list or mapping",
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise SpecError(loader.name, "", f"a mapping key must be a plain value, not a {type(key).__name__}",
                             key_node.start_mark.line + 1)
         if key in result:
             raise SpecError(loader.name, str(key), "duplicate key", key_node.start_mark.line + 1)
@@ -53,6 +106,8 @@ def load_spec_text(text: str, file: str = "<string>") -> LineDict:
         data = loader.get_single_data()
     except SpecError:
         raise
+    except RecursionError:
+        raise SpecError(file, "", "the spec is nested too deeply") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None

@@ -72,7 +72,7 @@ def compile_passthrough(descriptor: core_pb2.ModeDescriptor) -> CompiledMode:
     for message_type in allowed:
         if message_type == COMMITMENT:
             continue
-        node = copy.deepcopy(each)
+        node = dict(each)   # the compiler only reads the template's nested values: share them
         node["message"] = message_type
         transitions.append(node)
         spec["payloads"][message_type] = "opaque"

@@ -101,7 +101,7 @@ def scenario(client: Client) -> None:
     notices: list = []
     got_notice = threading.Condition()
 
-    call = stub.WatchModeRegistry(core_pb2.WatchModeRegistryRequest())
+    call = stub.WatchModeRegistry(core_pb2.WatchModeRegistryRequest(), metadata=admin)   # watches need a credential
 
     def watch():
         try:

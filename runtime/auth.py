@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 import urllib.request
 import warnings
 
@@ -55,7 +56,10 @@ DEFAULT_AUDIENCE = "macp-runtime"
 DEFAULT_JWKS_TTL_S = 300
 JWT_LEEWAY_S = 60
 JWT_ALGORITHMS = ("RS256", "ES256", "HS256")
-JWKS_FETCH_TIMEOUT_S = 5.0
+JWKS_FETCH_TIMEOUT_S = 3.0       # the whole JWKS download, not per socket operation
+JWKS_MAX_BYTES = 1 << 20
+JWKS_MAX_BACKOFF_S = 60.0
+MAX_JWT_BYTES = 16384
 _CACHE_LIMIT = 100_000
 
 
@@ -107,8 +111,9 @@ def _oct_secret(k) -> bytes:
 def parse_jwks(text) -> dict[str, list]:
     """JWKS JSON -> usable keys grouped by the algorithm that can use them. Raises ValueError.
 
-    `kid`, `alg`, `use` and `crv` are ignored; EC keys are taken as P-256. Unusable keys are skipped;
-    no usable key at all is an error.
+    Each key is kept as (kid or None, key) so a token's `kid` header can select it; `alg`, `use` and
+    `crv` are ignored; EC keys are taken as P-256. Unusable keys are skipped; no usable key at all is
+    an error.
     """
     data = json.loads(text) if isinstance(text, (str, bytes, bytearray)) else text
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
@@ -118,17 +123,18 @@ def parse_jwks(text) -> dict[str, list]:
     for entry in data["keys"]:
         try:
             kty = entry.get("kty") if isinstance(entry, dict) else None
+            kid = entry.get("kid") if isinstance(entry, dict) and isinstance(entry.get("kid"), str) else None
             if kty == "RSA":
-                keys["RS256"].append(rsa.RSAPublicNumbers(_b64url_int(entry.get("e")),
-                                                          _b64url_int(entry.get("n"))).public_key())
+                keys["RS256"].append((kid, rsa.RSAPublicNumbers(_b64url_int(entry.get("e")),
+                                                                _b64url_int(entry.get("n"))).public_key()))
             elif kty == "EC":
-                keys["ES256"].append(ec.EllipticCurvePublicNumbers(
-                    _b64url_int(entry.get("x")), _b64url_int(entry.get("y")), ec.SECP256R1()).public_key())
+                keys["ES256"].append((kid, ec.EllipticCurvePublicNumbers(
+                    _b64url_int(entry.get("x")), _b64url_int(entry.get("y")), ec.SECP256R1()).public_key()))
             elif kty == "oct":
                 secret = _oct_secret(entry.get("k"))
                 if not secret:
                     raise ValueError("empty secret")
-                keys["HS256"].append(secret)
+                keys["HS256"].append((kid, secret))
             else:
                 raise ValueError(f"unsupported kty {kty!r}")
         except (ValueError, TypeError, binascii.Error):
@@ -150,8 +156,29 @@ class _StaticKeys:
         return self._keys, 0
 
 
+class Pending:
+    """The JWKS is being fetched for this caller (the one that started the fetch): `wait()` (off any
+    event loop) until it is done or JWKS_FETCH_TIMEOUT_S has passed, then authenticate again."""
+
+    __slots__ = ("_done",)
+
+    def __init__(self, done: threading.Event):
+        self._done = done
+
+    def wait(self) -> None:
+        self._done.wait(JWKS_FETCH_TIMEOUT_S + 0.5)
+
+
 class _UrlKeys:
-    """A JWKS fetched on first use and cached for `ttl` seconds; a failed (re)fetch rejects the request."""
+    """A JWKS fetched on first use and cached for `ttl` seconds.
+
+    Only one fetch runs at a time, in a thread of its own, and it is bounded (JWKS_FETCH_TIMEOUT_S for
+    the whole download, JWKS_MAX_BYTES of body). The caller that starts it gets a `Pending` to wait
+    on; callers that find a fetch under way, or a failed fetch still in its back-off, are answered at
+    once (None: the JWT is rejected) instead of queueing behind it. A failure is cached: the next
+    attempt waits 1 s, then 2, 4 … up to JWKS_MAX_BACKOFF_S. Expired keys are never used (a failed
+    refetch rejects JWTs until the endpoint answers again).
+    """
 
     def __init__(self, url: str, ttl: float, fetch=None):
         self.url = url
@@ -159,30 +186,74 @@ class _UrlKeys:
         self._fetch = fetch or self._http_get
         self._state = None              # (keys, generation, fetched_at), replaced as a whole
         self._generation = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # held by the one fetch in flight, never waited for
+        self._failures = 0
+        self._retry_at = 0.0            # monotonic time before which no new fetch is tried
 
     def _http_get(self) -> bytes:
+        deadline = time.monotonic() + JWKS_FETCH_TIMEOUT_S
         with urllib.request.urlopen(self.url, timeout=JWKS_FETCH_TIMEOUT_S) as resp:
-            return resp.read()
+            chunks, size = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the JWKS took longer than {JWKS_FETCH_TIMEOUT_S:g}s")
+                chunk = resp.read(16384)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > JWKS_MAX_BYTES:
+                    raise ValueError(f"the JWKS is larger than {JWKS_MAX_BYTES} bytes")
+                chunks.append(chunk)
 
     def current(self):
-        """(keys, generation), or None when the keys cannot be had right now."""
+        """(keys, generation); a Pending for the caller that just started a fetch; None when the keys
+        cannot be had right now (fetch failing recently, or under way for somebody else)."""
+        state = self._state
+        now = time.monotonic()
+        if state is not None and now - state[2] < self.ttl:
+            return state[0], state[1]
+        if now < self._retry_at or not self._lock.acquire(blocking=False):
+            return None                 # failing recently, or somebody else is fetching: fail fast
         state = self._state
         if state is not None and time.monotonic() - state[2] < self.ttl:
+            self._lock.release()
             return state[0], state[1]
-        with self._lock:
-            state = self._state
-            now = time.monotonic()
-            if state is None or now - state[2] >= self.ttl:
-                self._state = None
-                try:
-                    keys = parse_jwks(self._fetch())
-                except Exception as exc:
-                    log.warning("auth: cannot fetch the JWKS from %s: %s", self.url, exc)
-                    return None
-                self._generation += 1
-                state = self._state = (keys, self._generation, now)
-            return state[0], state[1]
+        self._state = None
+        done = threading.Event()
+        threading.Thread(target=self._refresh, args=(done,), name="jwks-fetch", daemon=True).start()
+        return Pending(done)
+
+    def _refresh(self, done: threading.Event) -> None:
+        """The fetch thread (holds `_lock` from `current` until it is done)."""
+        try:
+            keys = parse_jwks(self._fetch())
+        except Exception as exc:
+            self._failures += 1
+            backoff = min(JWKS_MAX_BACKOFF_S, 2.0 ** (self._failures - 1))
+            self._retry_at = time.monotonic() + backoff
+            log.warning("auth: cannot fetch the JWKS from %s: %s (next attempt in %gs)",
+                        mask_secret_url(self.url), str(exc)[:200], backoff)
+        else:
+            self._failures = 0
+            self._retry_at = 0.0
+            self._generation += 1
+            self._state = (keys, self._generation, time.monotonic())
+        finally:
+            self._lock.release()
+            done.set()
+
+
+def jwt_shape_ok(token: str) -> str | None:
+    """The `alg` of a token shaped like a JWS we could verify (three base64url parts, a JSON header
+    naming an accepted algorithm), else None. Costs no key lookup and no network."""
+    if len(token) > MAX_JWT_BYTES or token.count(".") != 2:
+        return None
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        return None
+    alg = header.get("alg")
+    return alg if alg in JWT_ALGORITHMS else None
 
 
 def _scopes(claims: dict) -> dict:
@@ -221,32 +292,32 @@ class JwtResolver:
         self._keys = keys
         self._cache: dict[str, tuple[Identity, float, int]] = {}
         self._decode = jwt.PyJWT(options={"require": ["exp", "iss", "aud"], "verify_iat": False,
-                                          "verify_nbf": False, "verify_sub": False, "verify_jti": False}).decode
+                                          "verify_nbf": True, "verify_sub": False, "verify_jti": False}).decode
 
     @property
     def description(self) -> str:
-        source = f"JWKS from {self._keys.url} (cached {self._keys.ttl:g}s)" if isinstance(self._keys, _UrlKeys) \
+        source = f"JWKS from {mask_secret_url(self._keys.url)} (cached {self._keys.ttl:g}s)" if isinstance(self._keys, _UrlKeys) \
             else "inline JWKS"
         return f"JWT bearer (issuer {self.issuer!r}, audience {self.audience!r}, {source})"
 
     def resolve(self, token: str | None):
         if token is None or "." not in token:
             return NOT_MINE
+        alg = jwt_shape_ok(token)      # before any key lookup: junk never causes a JWKS fetch
+        if alg is None:
+            return REJECT
         current = self._keys.current()
         if current is None:
             return REJECT
+        if isinstance(current, Pending):
+            return current
         keys, generation = current
         hit = self._cache.get(token)
         if hit is not None and hit[2] == generation and time.time() <= hit[1]:
             return hit[0]
-        try:
-            alg = jwt.get_unverified_header(token).get("alg")
-        except jwt.PyJWTError:
-            return REJECT
-        if alg not in JWT_ALGORITHMS:
-            return REJECT
+        candidates = _select_keys(keys[alg], jwt.get_unverified_header(token).get("kid"))
         claims = None
-        for key in keys[alg]:
+        for key in candidates:
             try:
                 claims = self._decode(token, key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
                                       leeway=JWT_LEEWAY_S)
@@ -258,7 +329,7 @@ class JwtResolver:
         if claims is None:
             return REJECT
         sub = claims.get("sub")
-        if not isinstance(sub, str):
+        if not isinstance(sub, str) or not sub.strip():
             return REJECT
         try:
             identity = Identity(sender=sub, **_scopes(claims))
@@ -268,6 +339,17 @@ class JwtResolver:
             self._cache.clear()
         self._cache[token] = (identity, float(claims["exp"]) + JWT_LEEWAY_S, generation)
         return identity
+
+
+def _select_keys(entries: list, kid) -> list:
+    """The keys a token may be verified with: those whose `kid` equals the token's `kid` header when
+    it has one; every key when it has none, or when no key of the JWKS declares a kid at all."""
+    if not isinstance(kid, str):
+        return [key for _, key in entries]
+    matching = [key for k, key in entries if k == kid]
+    if matching or any(k is not None for k, _ in entries):
+        return matching
+    return [key for _, key in entries]
 
 
 # --- static bearer tokens --------------------------------------------------------------------------
@@ -337,6 +419,9 @@ class DevAuthenticator:
     def __init__(self):
         self._cache: dict[str, Identity] = {}
 
+    def authenticate_nowait(self, metadata) -> Identity | None:
+        return self.authenticate(metadata)
+
     def authenticate(self, metadata) -> Identity | None:
         token = extract_token(metadata)
         if not token:
@@ -360,9 +445,23 @@ class ChainAuthenticator:
         self.description = "; then ".join(r.description for r in self.resolvers)
 
     def authenticate(self, metadata) -> Identity | None:
+        """The identity, or None; waits (blocking) when this call started a JWKS fetch."""
+        result = self.authenticate_nowait(metadata)
+        if isinstance(result, Pending):
+            result.wait()
+            result = self.authenticate_nowait(metadata)
+            if isinstance(result, Pending):   # pragma: no cover - a second fetch right away
+                return None
+        return result
+
+    def authenticate_nowait(self, metadata):
+        """Like `authenticate`, but a Pending (to wait on off the event loop, then ask again) instead of
+        blocking when this call started a JWKS fetch."""
         bearer, fallback = _credentials(metadata)
         if self.jwt is not None:
             result = self.jwt.resolve(bearer)   # JWTs are read from `authorization` only
+            if isinstance(result, Pending):
+                return result
             if result is not NOT_MINE:
                 return None if result is REJECT else result
         if self.static is not None:
@@ -372,17 +471,35 @@ class ChainAuthenticator:
         return None
 
 
+AUTH_PREFIX = "MACP_AUTH_"
+
+
+def mask_secret_url(url: str) -> str:
+    from .redact import mask_url
+    return mask_url(url)
+
+
 def _ttl(raw: str | None) -> float:
-    try:
-        value = int(raw) if raw is not None else DEFAULT_JWKS_TTL_S
-        return float(value) if value >= 0 else float(DEFAULT_JWKS_TTL_S)
-    except ValueError:
+    if raw is None:
         return float(DEFAULT_JWKS_TTL_S)
+    try:
+        value = int(raw)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise AuthConfigError(f"MACP_AUTH_JWKS_TTL_SECS must be 0 or a positive number of seconds, got {raw!r}") \
+            from None
+    return float(value)
 
 
 def build_authenticator(environ=None):
-    """The resolver chain from MACP_AUTH_* variables (runtime.md §4.3, §4.4). Raises AuthConfigError."""
+    """The resolver chain from MACP_AUTH_* variables (runtime.md §4.3, §4.4). Raises AuthConfigError.
+
+    Fails closed: when any MACP_AUTH_* variable is set, the resolver it belongs to must be buildable
+    (otherwise the error names the variable); dev mode is only for a configuration without any.
+    """
     environ = os.environ if environ is None else environ
+    configured = sorted(k for k in environ if k.startswith(AUTH_PREFIX))
     static = None
     if "MACP_AUTH_TOKENS_JSON" in environ:
         tokens = parse_tokens(environ["MACP_AUTH_TOKENS_JSON"], "MACP_AUTH_TOKENS_JSON")
@@ -398,28 +515,42 @@ def build_authenticator(environ=None):
         tokens = parse_tokens(text, f"MACP_AUTH_TOKENS_FILE {path!r}")
         source = f"file {path}"
     else:
-        tokens, source = {}, ""
-    if tokens:
+        tokens, source = None, ""
+    if tokens is not None:
+        if not tokens:
+            where = "MACP_AUTH_TOKENS_JSON" if source == "MACP_AUTH_TOKENS_JSON" else "MACP_AUTH_TOKENS_FILE"
+            raise AuthConfigError(f"{where} holds no token entries (an empty list would leave nobody able to "
+                                  f"authenticate; unset it for dev mode)")
         static = StaticTokenResolver(tokens, source)
 
     jwt_resolver = None
     issuer = environ.get("MACP_AUTH_ISSUER")
-    if issuer:
+    jwt_vars = [k for k in ("MACP_AUTH_JWKS_JSON", "MACP_AUTH_JWKS_URL", "MACP_AUTH_AUDIENCE",
+                            "MACP_AUTH_JWKS_TTL_SECS") if k in environ]
+    if issuer is None and jwt_vars:
+        raise AuthConfigError(f"{jwt_vars[0]} is set but MACP_AUTH_ISSUER is not (JWT authentication needs both)")
+    if issuer is not None:
+        if not issuer.strip():
+            raise AuthConfigError("MACP_AUTH_ISSUER is empty")
         audience = environ.get("MACP_AUTH_AUDIENCE") or DEFAULT_AUDIENCE
-        keys = None
         if "MACP_AUTH_JWKS_JSON" in environ:
             try:
                 keys = _StaticKeys(parse_jwks(environ["MACP_AUTH_JWKS_JSON"]))
-            except ValueError as exc:
-                log.error("auth: MACP_AUTH_JWKS_JSON cannot be used (%s); JWT authentication is disabled", exc)
-        elif environ.get("MACP_AUTH_JWKS_URL"):
-            keys = _UrlKeys(environ["MACP_AUTH_JWKS_URL"], _ttl(environ.get("MACP_AUTH_JWKS_TTL_SECS")))
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise AuthConfigError(f"MACP_AUTH_JWKS_JSON cannot be used: {str(exc)[:200]}") from None
+        elif "MACP_AUTH_JWKS_URL" in environ:
+            url = environ["MACP_AUTH_JWKS_URL"]
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise AuthConfigError(f"MACP_AUTH_JWKS_URL must be an http(s) URL, got {mask_secret_url(url)!r}")
+            keys = _UrlKeys(url, _ttl(environ.get("MACP_AUTH_JWKS_TTL_SECS")))
         else:
-            log.warning("auth: MACP_AUTH_ISSUER is set but neither MACP_AUTH_JWKS_JSON nor MACP_AUTH_JWKS_URL; "
-                        "JWT authentication is disabled")
-        if keys is not None:
-            jwt_resolver = JwtResolver(issuer, audience, keys)
+            raise AuthConfigError("MACP_AUTH_ISSUER is set but neither MACP_AUTH_JWKS_JSON nor MACP_AUTH_JWKS_URL")
+        jwt_resolver = JwtResolver(issuer, audience, keys)
 
     if jwt_resolver is None and static is None:
+        if configured:
+            raise AuthConfigError(f"{configured[0]} is set but configures no resolver "
+                                  f"(unset every MACP_AUTH_* variable for dev mode)")
         return DevAuthenticator()
     return ChainAuthenticator(jwt_resolver, static)

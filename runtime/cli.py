@@ -67,6 +67,20 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-streams", dest="max_streams", type=int, metavar="N",
                    help="open streams (StreamSession and Watch*) at most; a stream is a coroutine, "
                         "not a thread (MACP_MAX_STREAMS, default 10000)")
+    p.add_argument("--max-streams-per-identity", dest="max_streams_per_identity", type=int, metavar="N",
+                   help="open streams one identity may hold (MACP_MAX_STREAMS_PER_IDENTITY, default 0 = half "
+                        "of --max-streams)")
+    p.add_argument("--dev-mode-allow-remote", dest="dev_mode_allow_remote", action="store_const", const=True,
+                   help="allow dev-mode auth (no MACP_AUTH_* set) on a non-loopback bind address "
+                        "(MACP_DEV_MODE_ALLOW_REMOTE=1); anyone who can connect may then act as anyone")
+    p.add_argument("--max-name-length", dest="max_name_length", type=int, metavar="N",
+                   help="longest session id, message id, mode, message type, sender, policy or mode id accepted "
+                        "(MACP_MAX_NAME_LENGTH, default 256 characters)")
+    p.add_argument("--max-reason-bytes", dest="max_reason_bytes", type=int, metavar="N",
+                   help="longest Cancel/Suspend/Resume reason accepted (MACP_MAX_REASON_BYTES, default 4096)")
+    p.add_argument("--clock-skew-ms", dest="clock_skew_ms", type=int, metavar="MS",
+                   help="how far an envelope timestamp may move a session deadline away from the server's "
+                        "receive time (MACP_CLOCK_SKEW_MS, default 30000)")
     p.add_argument("--cleanup-interval", dest="cleanup_interval_secs", type=float, metavar="SECS",
                    help="period of the TTL sweep and eviction pass (MACP_CLEANUP_INTERVAL_SECS, default 60)")
     p.add_argument("--session-retention", dest="session_retention_secs", type=float, metavar="SECS",

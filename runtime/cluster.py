@@ -138,7 +138,8 @@ class ClusterBus:
             log.warning("cluster: undecodable signal notification")
             return
         if len(self.engine.signals):
-            self.engine.signals.publish(item)
+            from .access import signal_subject
+            self.engine.signals.publish((signal_subject(item.envelope), item))
 
     def _reload(self, name: str) -> None:
         reload = self.reloaders.get(name)

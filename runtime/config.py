@@ -9,6 +9,8 @@ import ipaddress
 import os
 import re
 
+from .redact import mask_url  # noqa: F401  (re-exported: the start-up log masks with it)
+
 DEFAULT_BIND = "127.0.0.1:50051"
 
 
@@ -34,6 +36,11 @@ class Config:
     specs_dirs: list[str] = dataclasses.field(default_factory=list)
     workers: int = 64
     max_streams: int = 10000
+    max_streams_per_identity: int = 0     # open streams per identity; 0 = half of max_streams
+    dev_mode_allow_remote: bool = False   # dev-mode auth on a non-loopback bind address
+    max_name_length: int = 256            # ids, modes, message types, senders, policy ids (characters)
+    max_reason_bytes: int = 4096          # Cancel/Suspend/Resume reason (UTF-8 bytes)
+    clock_skew_ms: int = 30_000           # how far an envelope timestamp may move a deadline off the server's clock
     cleanup_interval_secs: float = 60.0
     session_retention_secs: float = 3600.0
     log_level: str = "info"
@@ -89,6 +96,11 @@ ENV_VARS = [
     ("MACP_SPECS_DIR", "specs_dirs", "pathlist"),
     ("MACP_WORKERS", "workers", "posint"),
     ("MACP_MAX_STREAMS", "max_streams", "posint"),
+    ("MACP_MAX_STREAMS_PER_IDENTITY", "max_streams_per_identity", "count"),
+    ("MACP_DEV_MODE_ALLOW_REMOTE", "dev_mode_allow_remote", "flag1"),
+    ("MACP_MAX_NAME_LENGTH", "max_name_length", "posint"),
+    ("MACP_MAX_REASON_BYTES", "max_reason_bytes", "posint"),
+    ("MACP_CLOCK_SKEW_MS", "clock_skew_ms", "count"),
     ("MACP_CLEANUP_INTERVAL_SECS", "cleanup_interval_secs", "secs"),
     ("MACP_SESSION_RETENTION_SECS", "session_retention_secs", "secs"),
     ("MACP_LOG_LEVEL", "log_level", "str"),
@@ -209,12 +221,14 @@ def _validate(cfg: Config) -> list[str]:
         if not os.path.isdir(d):
             problems.append(f"specs directory {d!r} does not exist")
     for name in ("max_payload_bytes", "session_start_limit_per_minute", "message_limit_per_minute", "workers",
-                 "max_streams"):
+                 "max_streams", "max_name_length", "max_reason_bytes"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name} must be a positive integer")
     for name in ("cleanup_interval_secs", "session_retention_secs"):
         if not getattr(cfg, name) > 0:
             problems.append(f"{name} must be a positive number of seconds")
+    if cfg.max_streams_per_identity < 0 or cfg.clock_skew_ms < 0:
+        problems.append("max_streams_per_identity and clock_skew_ms must be 0 or positive integers")
     if cfg.checkpoint_interval < 0:
         problems.append("checkpoint_interval must be 0 or a positive integer")
     if cfg.wal_segment_bytes <= 0:
@@ -239,10 +253,9 @@ def _validate(cfg: Config) -> list[str]:
     return problems
 
 
-def mask_url(url: str) -> str:
-    """A database URL with its password hidden (URL form and libpq key=value form)."""
-    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url, flags=re.IGNORECASE)
+def is_loopback(addr: str) -> bool:
+    parsed = parse_bind_addr(addr)
+    return parsed is not None and ipaddress.ip_address(parsed[0]).is_loopback
 
 
 def parse_bind_addr(addr: str) -> tuple[str, int] | None:

@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 
 from macp.v1 import core_pb2, envelope_pb2
 
+from . import access
 from .auth import Identity
 from .broadcast import Broadcaster
 from .checkpoints import Checkpointer, checkpoint_record, restore as restore_checkpoint
@@ -45,6 +46,7 @@ log = logging.getLogger("macp_runtime.engine")
 
 MAX_TTL_MS = 86_400_000
 MAX_PARTICIPANTS = 1000
+MAX_PARTICIPANT_NAME = 256
 RUNTIME_SENDER = "_runtime"
 LIFECYCLE_CAPACITY = 64     # runtime.md §8.8
 SIGNAL_CAPACITY = 256       # runtime.md §6
@@ -56,6 +58,7 @@ SUSPENDED_EVENT, RESUMED_EVENT, CANCELLED_EVENT = (_Event.EVENT_TYPE_SUSPENDED, 
                                                    _Event.EVENT_TYPE_CANCELLED)
 EVICTABLE = frozenset({RESOLVED, EXPIRED})
 DEFAULT_RETENTION_MS = 3_600_000
+DEFAULT_CLOCK_SKEW_MS = 30_000
 # The lifecycle event a status reached through another instance's record announces.
 _EVENT_OF_STATUS = {RESOLVED: RESOLVED_EVENT, EXPIRED: EXPIRED_EVENT, CANCELLED: CANCELLED_EVENT,
                     SUSPENDED: SUSPENDED_EVENT, OPEN: RESUMED_EVENT}
@@ -173,6 +176,16 @@ class Engine:
         self._local = threading.local()
         self._pending: dict[str, Pending] = {}             # session id -> its latest record not yet durable
         self._pending_lock = threading.Lock()
+        self.clock_skew_ms = DEFAULT_CLOCK_SKEW_MS         # MACP_CLOCK_SKEW_MS
+
+    def deadline_base(self, timestamp_ms: int, received_ms: int) -> int:
+        """Where a session's TTL starts: the server's receive time, which the envelope's timestamp may
+        move by at most `clock_skew_ms` (MACP_CLOCK_SKEW_MS) either way. A client clock cannot make
+        a session that never expires, nor a deadline outside int64."""
+        if not timestamp_ms:
+            return received_ms
+        skew = self.clock_skew_ms
+        return min(max(timestamp_ms, received_ms - skew), received_ms + skew)
 
     # --- SessionStart (§5.2) ---------------------------------------------------------------------
 
@@ -200,7 +213,7 @@ class Engine:
                 if existing is None:
                     self._check_open_limit(identity)
                     session = self._new_session(session_id, compiled, identity.sender, start, now,
-                                                (env.timestamp_unix_ms or now) + start.ttl_ms)
+                                                self.deadline_base(env.timestamp_unix_ms, now) + start.ttl_ms)
                     session.lock.acquire()
                     self._sessions[session_id] = session
                     break
@@ -269,6 +282,9 @@ class Engine:
                 trimmed.add(t)
             if prof.honour_max_suspend_ms and start.max_suspend_ms < 0:
                 raise MacpError(Kind.InvalidPayload, detail="max_suspend_ms must not be negative")
+        if len(start.participants) > MAX_PARTICIPANTS or any(len(p) > MAX_PARTICIPANT_NAME for p in start.participants):
+            raise MacpError(Kind.InvalidPayload, detail=f"at most {MAX_PARTICIPANTS} participants of at most "
+                                                        f"{MAX_PARTICIPANT_NAME} characters each")
         if compiled.version and start.mode_version and start.mode_version != compiled.version:
             raise MacpError(Kind.InvalidEnvelope,
                             detail=f"mode_version {start.mode_version!r} differs from {compiled.version!r}")
@@ -293,16 +309,19 @@ class Engine:
             policy, effective = self.policies.bind(start.policy_version, compiled.name)
         else:  # replay: the binding recorded at the start, whatever the registry holds today
             policy, effective = bound, effective_id or bound.policy_id
-        session = Session(session_id, compiled, initiator, start, policy, started_at, deadline, effective)
-        prof = prof or self.profile
-        if prof.bind_descriptor_mode_version and not start.mode_version and compiled.version:
-            session.mode_version = compiled.version   # current.md §5.2 (non-strict extensions only)
-        session.semantics_rev = prof.semantics_rev
-        session.suspend_cap_ms = suspend_cap_ms or prof.suspend_cap(start.max_suspend_ms)
         try:
+            session = Session(session_id, compiled, initiator, start, policy, started_at, deadline, effective)
+            prof = prof or self.profile
+            if prof.bind_descriptor_mode_version and not start.mode_version and compiled.version:
+                session.mode_version = compiled.version   # current.md §5.2 (non-strict extensions only)
+            session.semantics_rev = prof.semantics_rev
+            session.suspend_cap_ms = suspend_cap_ms or prof.suspend_cap(start.max_suspend_ms)
             compiled.check_start(session)
         except Reject as exc:
             raise _mode_error(exc) from None
+        except Exception as exc:   # a start or initial-state hook failed: refused, nothing written
+            raise MacpError(Kind.InvalidModeState, detail=f"a SessionStart hook of {compiled.name} failed: "
+                                                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
         return session
 
     # --- session messages (§5.4) -----------------------------------------------------------------
@@ -422,11 +441,16 @@ class Engine:
                 log.warning("could not record the expiry of session %s", session_id)
         return session
 
-    @staticmethod
-    def may_read(session: Session, identity: Identity) -> bool:
-        """GetSession and StreamSession subscribe (runtime.md §4.5)."""
-        return (identity.is_observer or identity.sender == session.initiator
-                or identity.sender in session.participant_set)
+    may_read = staticmethod(access.may_read)
+
+    def peek(self, session_id: str) -> Session | None:
+        """The session in memory under this id, if any (no expiry, no store round trip)."""
+        session = self._sessions.get(session_id)
+        return None if session is None or session.gone else session
+
+    def readable_sessions(self, identity: Identity) -> list[Session]:
+        """ListSessions / WatchSessions: the sessions this identity may read."""
+        return access.visible(self.sessions(), identity)
 
     def get_session(self, session_id: str, identity: Identity) -> Session:
         session = self.lookup(session_id)
@@ -599,6 +623,15 @@ class Engine:
                     self._channels[session_id] = rest
                 else:
                     del self._channels[session_id]
+
+    def unsubscribe_settled(self, session_id: str, subscriber) -> None:
+        """Unsubscribe, then wait until no publish to the session is still offering to it (a publish
+        runs under the session's lock): afterwards nothing more reaches the subscriber."""
+        self.unsubscribe(session_id, subscriber)
+        session = self._sessions.get(session_id)
+        if session is not None:
+            with session.lock:
+                pass
 
     def subscribe_with_history(self, session: Session, subscriber) -> list[LogRecord]:
         """Subscribe and snapshot the history in one step under the session lock: the subscriber then
@@ -923,7 +956,7 @@ class Engine:
                 if existing is None:
                     self._check_open_limit(identity)
                     session = self._new_session(session_id, compiled, identity.sender, start, now,
-                                                (env.timestamp_unix_ms or now) + start.ttl_ms)
+                                                self.deadline_base(env.timestamp_unix_ms, now) + start.ttl_ms)
                     session.lock.acquire()
                     self._sessions[session_id] = session
             if existing is not None:
@@ -1147,7 +1180,7 @@ class Engine:
                                                               else ""))
         start_rec = records[first]
         compiled, start, recorded = self.start_of(start_rec)
-        base = start_rec.timestamp_unix_ms or start_rec.received_at_ms
+        base = self.deadline_base(start_rec.timestamp_unix_ms, start_rec.received_at_ms)
         bound = self._bound_policy(start_rec.policy_binding) if start_rec.policy_binding else None
         session = self._new_session(session_id, compiled, start_rec.sender, start,
                                     start_rec.received_at_ms, base + start.ttl_ms, bound, recorded,
@@ -1173,7 +1206,7 @@ class Engine:
         `policy` and entered nowhere (WhatIfReplay judges a candidate policy on it). Raises MacpError
         when the start is refused."""
         compiled, start, recorded = self.start_of(start_rec)
-        base = start_rec.timestamp_unix_ms or start_rec.received_at_ms
+        base = self.deadline_base(start_rec.timestamp_unix_ms, start_rec.received_at_ms)
         return self._new_session(start_rec.session_id, compiled, start_rec.sender, start, start_rec.received_at_ms,
                                  base + start.ttl_ms, policy, recorded, start_rec.bound_max_suspend_ms,
                                  effective_id=effective_id)
@@ -1358,7 +1391,8 @@ def _resume(session: Session, banked: int) -> bool:
 
 
 def _not_found(session_id: str) -> StatusError:
-    return StatusError(NOT_FOUND, f"Session '{session_id}' not found")
+    shown = session_id if len(session_id) <= 256 else session_id[:256] + "…"
+    return StatusError(NOT_FOUND, f"Session '{shown}' not found")
 
 
 def _unknown_session(session_id: str) -> MacpError:

@@ -23,6 +23,10 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 APPEND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
+OTHER = "other"                 # the label of every mode or message type the runtime does not know
+AMBIENT_TYPES = frozenset({"SessionStart", "Signal", "Progress"})
+
+
 class NoMetrics:
     enabled = False
 
@@ -48,6 +52,7 @@ class Metrics(NoMetrics):
     def __init__(self, engine, store):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        self._engine = engine
         self.registry = r = CollectorRegistry()
         self._accepted = Counter("macp_messages_accepted_total", "Envelopes accepted by Send (duplicates included)",
                                  ["mode", "message_type"], registry=r)
@@ -78,18 +83,39 @@ class Metrics(NoMetrics):
         self._rejected_children: dict = {}
 
     def send_done(self, mode: str, message_type: str, code: str, seconds: float | None) -> None:
-        """One envelope answered; `seconds` is the Send latency (None for stream frames)."""
+        """One envelope answered; `seconds` is the Send latency (None for stream frames).
+
+        Labels take only registered modes and the message types they declare: anything else a client
+        writes counts under OTHER, so /metrics cannot be grown by inventing names."""
         if seconds is not None:
             self._latency.observe(seconds)
         if code:
             child = self._rejected_children.get((mode, code))
             if child is None:
-                child = self._rejected_children[(mode, code)] = self._rejected.labels(mode, code)
+                mode = self._known_mode(mode)
+                child = self._rejected_children.get((mode, code))
+                if child is None:
+                    child = self._rejected_children[(mode, code)] = self._rejected.labels(mode, code)
         else:
             child = self._accepted_children.get((mode, message_type))
             if child is None:
-                child = self._accepted_children[(mode, message_type)] = self._accepted.labels(mode, message_type)
+                mode, message_type = self._known_type(mode, message_type)
+                child = self._accepted_children.get((mode, message_type))
+                if child is None:
+                    child = self._accepted_children[(mode, message_type)] = self._accepted.labels(mode, message_type)
         child.inc()
+
+    def _known_mode(self, mode: str) -> str:
+        return mode if mode == "" or self._engine.modes.get(mode) is not None else OTHER
+
+    def _known_type(self, mode: str, message_type: str) -> tuple[str, str]:
+        compiled = self._engine.modes.get(mode) if mode else None
+        if compiled is None:
+            mode = OTHER if mode else ""
+            return mode, message_type if message_type in AMBIENT_TYPES else OTHER
+        if message_type in AMBIENT_TYPES or message_type in compiled.descriptor.message_types:
+            return mode, message_type
+        return mode, OTHER
 
     def rate_limited(self, bucket: str) -> None:
         self._limited.labels(bucket).inc()

@@ -35,6 +35,7 @@ SPEC_YAML_KEY = "macp-runtime/spec-yaml"
 #: The file name compiler errors of a registered spec refer to (`<spec-yaml>:12: transitions[0]...`).
 SPEC_LABEL = "<spec-yaml>"
 MAX_SPEC_BYTES = 256 * 1024
+MAX_MODE_NAME = 256            # characters of a registered or promoted mode name
 DOCUMENT = "modes"
 WATCH_CAPACITY = 16
 PROMOTED_POSITION = 1_000_000   # promoted modes list after the five standard ones, by name
@@ -83,6 +84,7 @@ class ModeRegistry:
             (m for m in modes if m.standards_track), key=lambda m: (m.list_position, m.name))]
         self.extensions = [m.descriptor for m in sorted(
             (m for m in modes if not m.standards_track), key=lambda m: m.name)]
+        self.public_extensions = [_without_spec_text(d) for d in self.extensions]
 
     def get(self, name: str) -> CompiledMode | None:
         return self._modes.get(name)
@@ -193,20 +195,25 @@ class ModeRegistry:
         for t in descriptor.terminal_message_types:
             if t not in descriptor.message_types:
                 return f"terminal message type '{t}' must also appear in message_types"
+        if len(name) > MAX_MODE_NAME:
+            return f"mode name is longer than {MAX_MODE_NAME} characters"
+        if name in self._modes:   # checked again under the lock; this only spares a compile
+            return f"mode '{name}' is already registered"
+        # Compiled before the registry's lock is taken: a large or slow spec holds up nobody else.
+        spec_text = descriptor.schema_uris.get(SPEC_YAML_KEY)
+        entry = {"name": name, "descriptor": json_format.MessageToDict(descriptor, preserving_proto_field_name=True),
+                 "standards_track": False}
+        if spec_text is not None:
+            compiled, error = _compile_yaml(name, descriptor, spec_text)
+            entry.update(kind="spec", spec_yaml=spec_text)
+        else:
+            compiled, error = _compile_passthrough(name, descriptor)
+            entry["kind"] = "passthrough"
+        if error is not None:
+            return error
         with self._lock, self._shared_change():
             if name in self._modes:
                 return f"mode '{name}' is already registered"
-            spec_text = descriptor.schema_uris.get(SPEC_YAML_KEY)
-            entry = {"name": name, "descriptor": json_format.MessageToDict(descriptor, preserving_proto_field_name=True),
-                     "standards_track": False}
-            if spec_text is not None:
-                compiled, error = _compile_yaml(name, descriptor, spec_text)
-                entry.update(kind="spec", spec_yaml=spec_text)
-            else:
-                compiled, error = _compile_passthrough(name, descriptor)
-                entry["kind"] = "passthrough"
-            if error is not None:
-                return error
             self._save({**self._entries, name: entry})
             self._modes[name] = compiled
             self._entries[name] = entry
@@ -244,8 +251,10 @@ class ModeRegistry:
             if compiled.standards_track:
                 return f"mode '{name}' is already standards-track", ""
             final = new_name if new_name and new_name != name else name
-            if self.commitment_only and final != name and final.startswith("macp.mode."):
+            if final != name and final.startswith("macp.mode."):   # both profiles (issue 12)
                 return f"cannot promote '{name}' into the reserved macp.mode.* namespace", ""
+            if len(final) > MAX_MODE_NAME:
+                return f"mode name is longer than {MAX_MODE_NAME} characters", ""
             if final != name and final in self._modes:
                 return f"cannot promote: target name '{final}' already exists", ""
             entry = dict(self._entries.get(name) or {"builtin": name})
@@ -267,6 +276,16 @@ class ModeRegistry:
 
     def close(self) -> None:
         self.changes.close()
+
+
+def _without_spec_text(descriptor: core_pb2.ModeDescriptor) -> core_pb2.ModeDescriptor:
+    """The descriptor as an unauthenticated caller may see it: without a registered spec's YAML."""
+    if SPEC_YAML_KEY not in descriptor.schema_uris:
+        return descriptor
+    shown = core_pb2.ModeDescriptor()
+    shown.CopyFrom(descriptor)
+    del shown.schema_uris[SPEC_YAML_KEY]
+    return shown
 
 
 def _with_descriptor(compiled: CompiledMode, name: str, descriptor: core_pb2.ModeDescriptor) -> CompiledMode:
@@ -299,7 +318,12 @@ def _compile_passthrough(name: str, descriptor) -> tuple[CompiledMode | None, st
         from .codegen.passthrough import compile_passthrough
     except ImportError:
         return None, "passthrough extensions are not available in this build"
-    compiled = compile_passthrough(descriptor)
+    try:
+        compiled = compile_passthrough(descriptor)
+    except SpecError as exc:
+        return None, str(exc)
+    except Exception as exc:   # anything else a descriptor can provoke is a refusal, never UNKNOWN
+        return None, f"the descriptor cannot be compiled: {type(exc).__name__}: {str(exc)[:200]}"
     compiled.strict_start = False
     return _with_descriptor(compiled, name, descriptor), None
 
@@ -319,6 +343,10 @@ def _compile_yaml(name: str, descriptor, text: str) -> tuple[CompiledMode | None
         compiled = compile_spec(spec, SPEC_LABEL, overrides={"mode": name})
     except SpecError as exc:
         return None, str(exc)
+    except RecursionError:
+        return None, f"{SPEC_LABEL}: the spec is nested too deeply"
+    except Exception as exc:   # anything else a spec can provoke is a refusal, never UNKNOWN
+        return None, f"{SPEC_LABEL}: the spec cannot be compiled: {type(exc).__name__}: {str(exc)[:200]}"
     if compiled.version != descriptor.mode_version:
         return None, (f"{SPEC_LABEL}: version: the spec's version '{compiled.version}' differs from the "
                       f"descriptor's mode_version '{descriptor.mode_version}'")

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import builtins
 import datetime
+import ipaddress
 import json
 import os
+import re
 import sys
 
 import grpc
@@ -26,15 +29,22 @@ EVENT_NAMES = {v.number: v.name.replace("EVENT_TYPE_", "")
 
 CONNECTION_HELP = """connection and auth (also from the environment):
   --target      MACP_TARGET        server address, default 127.0.0.1:50051
-  --token       MACP_TOKEN         bearer token (in dev mode: the sender name), default "operator"
+  --token       MACP_TOKEN         bearer token (in dev mode: the sender name), default "operator";
+                                   prefer MACP_TOKEN or --token-file: argv is visible to other users
+  --token-file  MACP_TOKEN_FILE    read the bearer token from this file (first line)
   --tls-ca      MACP_TLS_CA_PATH   PEM CA bundle: connect with TLS instead of plaintext
+  --allow-plaintext-token  MACP_ALLOW_PLAINTEXT_TOKEN=1
+                                   send the token without TLS to a non-loopback target (refused otherwise)
 """
 
 
 def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=os.environ.get("MACP_TARGET", "127.0.0.1:50051"), help=argparse.SUPPRESS)
     p.add_argument("--token", default=os.environ.get("MACP_TOKEN", "operator"), help=argparse.SUPPRESS)
+    p.add_argument("--token-file", default=os.environ.get("MACP_TOKEN_FILE"), help=argparse.SUPPRESS)
     p.add_argument("--tls-ca", default=os.environ.get("MACP_TLS_CA_PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--allow-plaintext-token", action="store_true",
+                   default=os.environ.get("MACP_ALLOW_PLAINTEXT_TOKEN") == "1", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--specs-dir", action="append", default=[], metavar="DIR",
                    help="extra spec directories, to decode payloads of user-defined modes")
@@ -84,7 +94,27 @@ def register(sub) -> None:
 
 # --- plumbing ----------------------------------------------------------------------------------------
 
+def _is_loopback_target(target: str) -> bool:
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _stub(args):
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as fh:
+                args.token = fh.readline().strip()
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read the token file {args.token_file}: {exc.strerror}")
+    if not args.tls_ca and not args.allow_plaintext_token and not _is_loopback_target(args.target):
+        raise SystemExit(f"error: refusing to send a bearer token in plaintext to {_safe(args.target)}: use --tls-ca, "
+                         f"or --allow-plaintext-token (MACP_ALLOW_PLAINTEXT_TOKEN=1) if you mean it")
     if args.tls_ca:
         with open(args.tls_ca, "rb") as fh:
             channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(root_certificates=fh.read()))
@@ -103,7 +133,21 @@ def _when(ms: int) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _safe(text) -> str:
+    """A server-supplied string with control characters (terminal escapes, carriage returns) made visible."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}" if ord(m.group(0)) < 0x100
+                        else f"\\u{ord(m.group(0)):04x}", str(text))
+
+
+def print(*values, **kwargs) -> None:   # noqa: A001 - every line this module prints goes through _safe
+    builtins.print(*(_safe(v) for v in values), **kwargs)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
+    rows = [[_safe(c).replace("\n", "\\n") for c in r] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]

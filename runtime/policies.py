@@ -49,6 +49,10 @@ _I64_MIN = -(2**63)
 _U64_MAX = 2**64 - 1
 
 
+MAX_POLICY_ID = 256        # characters of a policy id (and of the mode it names)
+MAX_DESCRIPTION = 4096     # characters of a policy description
+MAX_RULES_BYTES = 65536    # the rules JSON
+
 class PolicyView(NamedTuple):
     """What Get/List/Watch return for one policy (registered_at is always 0 on the wire)."""
 
@@ -345,6 +349,11 @@ class PolicyRegistry:
                  schema_version: int) -> str | None:
         """Register a policy. Returns the §10.3 error text, or None when it was registered (and is
         durable). Raises StorageError when it could not be saved (then nothing changed)."""
+        if len(policy_id) > MAX_POLICY_ID or len(mode) > MAX_POLICY_ID:
+            return f"policy_id and mode must be at most {MAX_POLICY_ID} characters"
+        if len(description) > MAX_DESCRIPTION or len(rules_text) > MAX_RULES_BYTES:
+            return (f"description must be at most {MAX_DESCRIPTION} characters and rules at most "
+                    f"{MAX_RULES_BYTES} bytes")
         if self._current:
             from .policy_admission import admission_error
 

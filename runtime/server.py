@@ -18,8 +18,9 @@ import time
 
 from .auth import AuthConfigError, build_authenticator
 from . import __version__
+from .access import Limits
 from .codegen import SpecError
-from .config import Config
+from .config import Config, is_loopback
 from .logs import mask
 from .metrics import Metrics
 from .engine import Engine
@@ -92,6 +93,14 @@ class Runtime:
         log.info("starting macp-runtime %s", __version__, extra={"fields": {
             "config": cfg.describe(),
             "env": {k: mask(k, v) for k, v in sorted(os.environ.items()) if k.startswith("MACP_")}}})
+        try:   # first: a broken auth configuration stops start-up before anything is opened
+            authenticator = build_authenticator()
+        except AuthConfigError as exc:
+            raise StartupError(f"auth configuration: {exc}") from None
+        if not authenticator.resolvers and not cfg.dev_mode_allow_remote and not is_loopback(cfg.bind_addr):
+            raise StartupError(f"dev-mode auth (no MACP_AUTH_* variable set) on the non-loopback address "
+                               f"{cfg.bind_addr}: anyone who can connect could act as anyone. Configure "
+                               f"MACP_AUTH_* or set MACP_DEV_MODE_ALLOW_REMOTE=1 to allow it")
         prof = profiles.get(cfg.protocol_profile)
         prof.list_sessions_default_page_size = cfg.list_sessions_default_page_size
         prof.list_sessions_max_page_size = cfg.list_sessions_max_page_size
@@ -137,6 +146,7 @@ class Runtime:
         for warning in cfg.warnings:
             log.warning("configuration: %s", warning)
         engine = Engine(modes, policies, self.store, profile=prof)
+        engine.clock_skew_ms = cfg.clock_skew_ms
         engine.checkpoint_interval = cfg.checkpoint_interval
         if not cfg.memory_only:
             engine.spec_archive = SpecArchive(documents())
@@ -171,10 +181,6 @@ class Runtime:
         if report.dropped_records or report.problems:
             log.warning("storage recovery dropped %d records (%d bytes): %s", report.dropped_records,
                         report.dropped_bytes, "; ".join(report.problems))
-        try:
-            authenticator = build_authenticator()
-        except AuthConfigError as exc:
-            raise StartupError(f"auth configuration: {exc}") from None
         if authenticator.resolvers:
             log.info("auth: %s", authenticator.description)
         else:
@@ -200,7 +206,9 @@ class Runtime:
                                reflect=reflect, blocking=not cfg.memory_only, workers=cfg.workers,
                                max_payload_bytes=cfg.max_payload_bytes,
                                session_start_limit=cfg.session_start_limit_per_minute,
-                               message_limit=cfg.message_limit_per_minute, max_streams=cfg.max_streams)
+                               message_limit=cfg.message_limit_per_minute, max_streams=cfg.max_streams,
+                               max_streams_per_identity=cfg.max_streams_per_identity,
+                               limits=Limits(cfg.max_name_length, cfg.max_reason_bytes))
         self._tls = credentials is not None
         log.info("reflection %s", "on" if reflect else "off")
 

@@ -26,7 +26,7 @@ from macp.modes.decision.v1 import decision_pb2
 from macp.modes.task.v1 import task_pb2
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
-from conftest import ServerProcess, envelope, new_session_id, start_payload
+from conftest import ServerProcess, envelope, free_port, new_session_id, start_payload
 from macp_runtime import auth
 
 DECISION = "macp.mode.decision.v1"
@@ -215,10 +215,13 @@ def test_jwt_algorithms_each_authenticate_as_sub(jstub, alg):
     assert whoami(jstub, bearer(token)) == f"agent-{alg.lower()}"
 
 
-def test_jwt_every_jwks_key_is_tried_and_kid_is_ignored(jstub):
-    # signed with the second RSA key, kid naming the first one
-    token = mint(sub="second-key", key=KEYS.rsa2, headers={"kid": "r1"})
-    assert whoami(jstub, bearer(token)) == "second-key"
+def test_jwt_kid_selects_the_key(jstub):
+    # issue 12 point 10: signed with the second RSA key, kid naming the first one -> refused (was accepted)
+    assert whoami(jstub, bearer(mint(sub="second-key", key=KEYS.rsa2, headers={"kid": "r1"}))) is None
+    assert whoami(jstub, bearer(mint(sub="second-key", key=KEYS.rsa2, headers={"kid": "r2"}))) == "second-key"
+    # a kid no key declares is refused; no kid at all: every key of the algorithm is tried
+    assert whoami(jstub, bearer(mint(sub="second-key", key=KEYS.rsa2, headers={"kid": "nobody"}))) is None
+    assert whoami(jstub, bearer(mint(sub="second-key", key=KEYS.rsa2))) == "second-key"
 
 
 def test_jwt_hand_built_hs256_is_accepted(jstub):
@@ -249,6 +252,9 @@ def test_jwt_sender_must_match_sub(jstub):
     lambda: mint(alg="HS384", key=KEYS.hmac * 2),                           # algorithm not accepted
     lambda: mint(alg="none", key=""),                                      # alg none
     lambda: mint(omit=("sub",)),                                            # sub is required
+    lambda: mint(sub=""),                                                   # sub must not be empty
+    lambda: mint(sub="   "),                                                # nor blank
+    lambda: mint(nbf=int(time.time()) + 3600),                              # not valid yet
     lambda: mint(sub=12345),                                                # sub must be a string
     lambda: _hs256_raw(KEYS.rsa.public_key().public_bytes(                # RSA public key as HMAC secret
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)),
@@ -258,7 +264,7 @@ def test_jwt_sender_must_match_sub(jstub):
     lambda: mint() + "x",                                                   # tampered signature
 ], ids=["expired", "no-exp", "wrong-iss", "no-iss", "wrong-aud", "aud-list-without-ours", "no-aud",
         "bad-signature-rsa", "bad-signature-ec", "bad-signature-hmac", "alg-rs512", "alg-hs384", "alg-none",
-        "no-sub", "sub-not-string", "alg-confusion", "scopes-not-object", "scopes-bad-modes", "garbage",
+        "no-sub", "empty-sub", "blank-sub", "nbf-future", "sub-not-string", "alg-confusion", "scopes-not-object", "scopes-bad-modes", "garbage",
         "tampered"])
 def test_jwt_rejections(jstub, token_factory):
     token = token_factory()
@@ -282,7 +288,9 @@ def test_jwt_alg_none_is_rejected(jstub):
 def test_jwt_leeway_nbf_iat_and_audience_list(jstub):
     now = int(time.time())
     assert whoami(jstub, bearer(mint(sub="late", exp=now - 20))) == "late"              # within 60 s leeway
-    assert whoami(jstub, bearer(mint(sub="early", nbf=now + 3600, iat=now + 3600))) == "early"  # not checked
+    assert whoami(jstub, bearer(mint(sub="early", nbf=now + 30))) == "early"           # nbf: same leeway
+    assert whoami(jstub, bearer(mint(sub="too-early", nbf=now + 3600))) is None        # nbf honoured
+    assert whoami(jstub, bearer(mint(sub="iat", iat=now + 3600))) == "iat"             # iat not checked
     assert whoami(jstub, bearer(mint(sub="multi", aud=["other", "macp-runtime"]))) == "multi"
 
 
@@ -510,9 +518,12 @@ def test_jwks_url_fetched_lazily_cached_and_refetched(server_factory):
         http_jwks.status, http_jwks.body = 500, "oops"
         time.sleep(ttl + 0.5)
         assert whoami(stub, bearer(ec_token)) is None
+        fetches = http_jwks.fetches
         assert whoami(stub, bearer(ec_token)) is None
-        # it recovers: the next request refetches and succeeds
+        assert http_jwks.fetches == fetches                         # the failure is cached (back-off)
+        # it recovers: once the back-off has passed the next request refetches and succeeds
         http_jwks.status, http_jwks.body = 200, jwks(ec_jwk(KEYS.ec))
+        time.sleep(1.2)
         assert whoami(stub, bearer(ec_token)) == "url-ec"
         assert "JWT bearer" in srv.log()
     finally:
@@ -568,19 +579,112 @@ def test_secrets_never_reach_the_log(server_factory):
     assert "JWT bearer" in log_text and "static bearer tokens" in log_text
 
 
-@pytest.mark.parametrize("env", [
-    {"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_JSON": "{not json"},
-    {"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_JSON": json.dumps({"nokeys": []})},
-    {"MACP_AUTH_ISSUER": ISSUER},
-    {"MACP_AUTH_TOKENS_JSON": "[]"},
-    {"MACP_AUTH_TOKENS_JSON": json.dumps({"tokens": []})},
-    {"MACP_AUTH_JWKS_JSON": jwks(oct_jwk(b"k" * 32))},
-], ids=["malformed-jwks", "jwks-without-keys", "issuer-without-jwks", "empty-token-list", "empty-tokens-object",
-        "jwks-without-issuer"])
-def test_configurations_that_fall_back_to_dev_mode(server_factory, env):
-    srv = server_factory(env=env)
+@pytest.mark.parametrize("env,named", [
+    ({"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_JSON": "{not json"}, "MACP_AUTH_JWKS_JSON"),
+    ({"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_JSON": json.dumps({"nokeys": []})}, "MACP_AUTH_JWKS_JSON"),
+    ({"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_JSON": jwks({"kty": "RSA", "n": "", "e": ""})},
+     "MACP_AUTH_JWKS_JSON"),
+    ({"MACP_AUTH_ISSUER": ISSUER}, "MACP_AUTH_ISSUER"),
+    ({"MACP_AUTH_TOKENS_JSON": "[]"}, "MACP_AUTH_TOKENS_JSON"),
+    ({"MACP_AUTH_TOKENS_JSON": json.dumps({"tokens": []})}, "MACP_AUTH_TOKENS_JSON"),
+    ({"MACP_AUTH_JWKS_JSON": jwks(oct_jwk(b"k" * 32))}, "MACP_AUTH_JWKS_JSON"),
+    ({"MACP_AUTH_AUDIENCE": "macp-runtime"}, "MACP_AUTH_AUDIENCE"),
+    ({"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_URL": "not a url"}, "MACP_AUTH_JWKS_URL"),
+    ({"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_URL": "http://127.0.0.1:9/j",
+      "MACP_AUTH_JWKS_TTL_SECS": "soon"}, "MACP_AUTH_JWKS_TTL_SECS"),
+], ids=["malformed-jwks", "jwks-without-keys", "jwks-no-usable-key", "issuer-without-jwks", "empty-token-list",
+        "empty-tokens-object", "jwks-without-issuer", "audience-alone", "jwks-url-not-a-url", "ttl-not-a-number"])
+def test_unusable_auth_configuration_fails_closed(server_factory, env, named):
+    # issue 12 point 9: these used to start in dev mode (anyone could act as anyone); now exit 1 naming the variable
+    srv = server_factory(env=env, start=False)
+    srv.start(wait=False)
+    assert srv.proc.wait(20) == 1
+    log_text = srv.log()
+    assert "start-up failed: auth configuration" in log_text and named in log_text, log_text
+    assert "serving Macp" not in log_text and "serving macp" not in log_text and "auth: dev mode" not in log_text
+
+
+def test_dev_mode_refuses_a_non_loopback_bind_unless_allowed(server_factory):
+    port = free_port()
+    srv = server_factory(env={"MACP_BIND_ADDR": f"0.0.0.0:{port}"}, start=False)
+    srv.start(wait=False)
+    assert srv.proc.wait(20) == 1
+    assert "MACP_DEV_MODE_ALLOW_REMOTE" in srv.log() and "serving" not in srv.log()
+    port = free_port()
+    srv = server_factory(env={"MACP_BIND_ADDR": f"0.0.0.0:{port}", "MACP_DEV_MODE_ALLOW_REMOTE": "1"}, start=False)
+    srv.target = f"127.0.0.1:{port}"
+    srv.start()
     assert whoami(srv.stub(), bearer("devname")) == "devname"
-    assert "dev mode" in srv.log()
+
+
+class HangingJwks:
+    """A JWKS endpoint that accepts connections and answers only after `delay` seconds."""
+
+    def __init__(self, delay: float):
+        outer = self
+        self.fetches = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.fetches += 1
+                time.sleep(delay)
+                data = jwks(rsa_jwk(KEYS.rsa)).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_hanging_jwks_endpoint_stalls_nobody(server_factory):
+    """issue 12 point 7: junk bearers never fetch, one fetch runs at a time and is bounded, others fail fast,
+    static-token callers never wait (before: four junk tokens delayed a static caller 4.5 s)."""
+    hanging = HangingJwks(delay=30)
+    try:
+        srv = server_factory(env={"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_URL": hanging.url,
+                                  "MACP_AUTH_TOKENS_JSON": json.dumps([{"token": "t1", "sender": "static-one"}])})
+        stub = srv.stub()
+        for junk in ("a.b", "x.y.z", "not.a.jwt", "e30.e30.sig"):
+            assert whoami(stub, bearer(junk)) is None
+        assert hanging.fetches == 0                  # the shape is checked before any fetch
+        results = {}
+
+        def jwt_caller(i):
+            t0 = time.monotonic()
+            results[i] = (whoami(stub, bearer(mint(sub=f"j{i}"))), time.monotonic() - t0)
+
+        callers = [threading.Thread(target=jwt_caller, args=(i,)) for i in range(4)]
+        for t in callers:
+            t.start()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert whoami(stub, bearer("t1")) == "static-one"
+        assert time.monotonic() - t0 < 1.0           # a static-token caller does not wait on the JWKS
+        for t in callers:
+            t.join(30)
+        assert all(who is None for who, _ in results.values())
+        assert max(took for _, took in results.values()) < 6.0    # the fetch is bounded (3 s)
+        assert sorted(took for _, took in results.values())[-2] < 1.0   # the others failed fast
+        assert hanging.fetches == 1
+        t0 = time.monotonic()
+        assert whoami(stub, bearer(mint(sub="later"))) is None     # the failure is cached: no new fetch yet
+        assert time.monotonic() - t0 < 1.0 and hanging.fetches == 1
+    finally:
+        hanging.close()
 
 
 # --- in-process checks of the parsing rules ---------------------------------------------------------------
@@ -596,9 +700,10 @@ def test_jwks_parsing_rules():
         {"kty": "OKP", "x": "AA"},                                   # unsupported: skipped
         ec_jwk(KEYS.ec) | {"crv": "P-384"},                          # crv ignored
     ))
-    assert keys["HS256"][:2] == [k, b"not base64!"]
-    assert keys["HS256"][2] == base64.urlsafe_b64encode(b"\xfb\xff-").rstrip(b"=")
+    assert [key for _, key in keys["HS256"][:2]] == [k, b"not base64!"]
+    assert keys["HS256"][2][1] == base64.urlsafe_b64encode(b"\xfb\xff-").rstrip(b"=")
     assert len(keys["ES256"]) == 1 and keys["RS256"] == []
+    assert [kid for kid, _ in keys["ES256"]] == ["e"]
     with pytest.raises(ValueError):
         auth.parse_jwks(jwks({"kty": "RSA", "n": "", "e": ""}))
     with pytest.raises(ValueError):

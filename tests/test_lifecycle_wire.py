@@ -55,7 +55,7 @@ def get(stub, sid, who="coord") -> core_pb2.SessionMetadata:
 
 
 def listed(stub, **request) -> dict[str, core_pb2.SessionMetadata]:
-    resp = stub.ListSessions(core_pb2.ListSessionsRequest(**request), metadata=bearer("anyone"))
+    resp = stub.ListSessions(core_pb2.ListSessionsRequest(**request), metadata=bearer("coord"))
     return {m.session_id: m for m in resp.sessions}
 
 
@@ -67,7 +67,7 @@ def resume(stub, sid, who="coord", reason="go"):
     return stub.ResumeSession(core_pb2.ResumeSessionRequest(session_id=sid, reason=reason), metadata=bearer(who)).ack
 
 
-def watch(stub, who="anyone") -> Collector:
+def watch(stub, who="coord") -> Collector:
     return Collector(stub.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=bearer(who)))
 
 
@@ -97,7 +97,7 @@ def test_list_sessions_returns_every_session_in_memory_in_any_state(stub):
     resolve(stub, done)
     gone = start(stub)
     assert stub.CancelSession(core_pb2.CancelSessionRequest(session_id=gone), metadata=bearer("coord")).ack.ok
-    resp = stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("stranger"))
+    resp = stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("coord"))
     assert resp.next_page_token == ""
     states = {m.session_id: m.state for m in resp.sessions}
     assert (states[open_], states[done], states[gone]) == (OPEN, RESOLVED, CANCELLED)
@@ -112,7 +112,7 @@ def test_list_sessions_pages_through_everything_exactly_once(stub):
     everything = set(listed(stub))
     seen, token, pages = [], "", 0
     while True:
-        resp = stub.ListSessions(core_pb2.ListSessionsRequest(page_size=2, page_token=token), metadata=bearer("x"))
+        resp = stub.ListSessions(core_pb2.ListSessionsRequest(page_size=2, page_token=token), metadata=bearer("coord"))
         assert len(resp.sessions) <= 2
         seen.extend(m.session_id for m in resp.sessions)
         pages += 1
@@ -121,9 +121,9 @@ def test_list_sessions_pages_through_everything_exactly_once(stub):
             break
     assert len(seen) == len(set(seen)) and set(seen) >= everything
     assert pages >= 3
-    err = rpc_error(stub.ListSessions, core_pb2.ListSessionsRequest(page_size=2, page_token="!!"), metadata=bearer("x"))
+    err = rpc_error(stub.ListSessions, core_pb2.ListSessionsRequest(page_size=2, page_token="!!"), metadata=bearer("coord"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    err = rpc_error(stub.ListSessions, core_pb2.ListSessionsRequest(page_size=-1), metadata=bearer("x"))
+    err = rpc_error(stub.ListSessions, core_pb2.ListSessionsRequest(page_size=-1), metadata=bearer("coord"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

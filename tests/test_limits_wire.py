@@ -162,15 +162,18 @@ def test_reads_and_session_control_are_not_counted(stub):
     assert is_rate_limited(send(stub, proposal(sid, "one-too-many"), "m2"))
 
 
-def test_cancel_is_not_counted(stub):
-    # m3 exhausts its message bucket, then can still cancel its own session (control RPCs are not limited)
+def test_cancel_is_counted(stub):
+    # issue 12 point 8: control RPCs count against the message window (they used to be unlimited)
     env = start_env(("m3", "bob"))
     assert send(stub, env, "m3").ok
     for i in range(MESSAGE_LIMIT):
         assert send(stub, proposal(env.session_id, f"p{i}"), "m3").ok
     assert is_rate_limited(send(stub, proposal(env.session_id, "x"), "m3"))
     ack = stub.CancelSession(core_pb2.CancelSessionRequest(session_id=env.session_id), metadata=tok("m3")).ack
-    assert ack.ok and ack.session_state == envelope_pb2.SESSION_STATE_CANCELLED
+    assert not ack.ok and ack.error.code == "RATE_LIMITED"
+    # the initiator's partner is not held up by m3's window
+    assert stub.GetSession(core_pb2.GetSessionRequest(session_id=env.session_id),
+                           metadata=tok("bob")).metadata.state == envelope_pb2.SESSION_STATE_OPEN
 
 
 def test_subscribe_frames_are_not_counted(stub):

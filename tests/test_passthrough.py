@@ -274,7 +274,7 @@ def test_unlisted_accept_compiles_and_runs():
     session = type("S", (), {})()
     session.phase, session.state, session.initiator = "Open", {}, "i"
     plan = mode.evaluate(session, "x", "Whatever", b"raw", NOW)
-    assert plan[1].payload == b"raw"
+    assert plan.ctx.payload == b"raw"
     assert mode.apply(session, plan) is None
     assert session.state == {"payload_base64": base64.b64encode(b"raw").decode()} and session.phase == "Open"
 

@@ -286,7 +286,7 @@ def test_list_filter_and_order(runtime_server):
 def test_watch_policies_initial_list_then_one_list_per_change(server_factory):
     srv = server_factory()
     stub = srv.stub()
-    call = stub.WatchPolicies(policy_pb2.WatchPoliciesRequest())   # no authentication needed
+    call = stub.WatchPolicies(policy_pb2.WatchPoliciesRequest(), metadata=bearer("w"))   # any identity
     first = next(call)
     assert [d.policy_id for d in first.descriptors] == ["policy.default"]
     assert first.descriptors[0].rules == DEFAULT_RULES
@@ -303,7 +303,7 @@ def test_watch_policies_initial_list_then_one_list_per_change(server_factory):
     call.cancel()
 
     # a new watcher starts with the current list, rules canonical
-    again = next(stub.WatchPolicies(policy_pb2.WatchPoliciesRequest()))
+    again = next(stub.WatchPolicies(policy_pb2.WatchPoliciesRequest(), metadata=bearer("w")))
     assert [(d.policy_id, d.rules) for d in again.descriptors] == \
         [("policy.default", DEFAULT_RULES), ("w.a", '{"voting":{"threshold":0.6}}')]
 
@@ -311,7 +311,8 @@ def test_watch_policies_initial_list_then_one_list_per_change(server_factory):
 def test_watch_policies_ends_ok_on_shutdown(server_factory):
     srv = server_factory()
     channel = grpc.insecure_channel(srv.target)    # its own channel: stop() closes the shared one
-    call = core_pb2_grpc.MACPRuntimeServiceStub(channel).WatchPolicies(policy_pb2.WatchPoliciesRequest())
+    call = core_pb2_grpc.MACPRuntimeServiceStub(channel).WatchPolicies(policy_pb2.WatchPoliciesRequest(),
+                                                                     metadata=bearer("w"))
     next(call)
     done = threading.Event()
     rest = []

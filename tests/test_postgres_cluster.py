@@ -174,9 +174,9 @@ def test_subscriber_on_one_instance_sees_what_the_others_accept(trio):
 def test_watchers_and_registries_span_instances(trio):
     url, servers = trio
     a, b, c = (srv.stub() for srv in servers)
-    sessions = Collector(a.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=bearer("watcher")))
-    registry = Collector(b.WatchModeRegistry(core_pb2.WatchModeRegistryRequest()))
-    signals = Collector(a.WatchSignals(core_pb2.WatchSignalsRequest()))
+    sessions = Collector(a.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=bearer("coordinator")))
+    registry = Collector(b.WatchModeRegistry(core_pb2.WatchModeRegistryRequest(), metadata=bearer("watcher")))
+    signals = Collector(a.WatchSignals(core_pb2.WatchSignalsRequest(), metadata=bearer("watcher")))
     try:
         assert registry.recv().change.registry == "modes"     # the initial notice
         time.sleep(0.3)
@@ -231,7 +231,7 @@ def test_watchers_and_registries_span_instances(trio):
                 time.sleep(0.05)
         assert got.policy_descriptor.policy_id == policy.policy_id
         # ListSessions on A knows a session only B and C ever saw
-        listed = a.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("x")).sessions
+        listed = a.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("coordinator")).sessions
         assert ext_sid in [s.session_id for s in listed]
     finally:
         sessions.cancel()

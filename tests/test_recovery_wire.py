@@ -219,14 +219,19 @@ def test_replayed_deadline_equals_the_live_deadline(server_factory):
     srv = server_factory()
     stub = srv.stub()
     env = envelope(MODE, "SessionStart", new_session_id(), "coord", start_payload(["alice"], ttl_ms=600_000))
-    env.timestamp_unix_ms -= 100_000  # client clock 100 s behind: the deadline follows the client's clock
+    env.timestamp_unix_ms -= 10_000   # client clock 10 s behind (within MACP_CLOCK_SKEW_MS): the deadline follows it
     assert send(stub, env).ok
     live = get(stub, env.session_id)
     assert live.expires_at_unix_ms == env.timestamp_unix_ms + 600_000
+    far = envelope(MODE, "SessionStart", new_session_id(), "coord", start_payload(["alice"], ttl_ms=600_000))
+    far.timestamp_unix_ms -= 100_000  # 100 s behind: only 30 s of it count (the server's clock rules)
+    assert send(stub, far).ok
+    assert get(stub, far.session_id).expires_at_unix_ms >= far.timestamp_unix_ms + 70_000 + 600_000
     srv = restart_after_kill(server_factory, srv)
     replayed = get(srv.stub(), env.session_id)
     assert replayed.started_at_unix_ms == live.started_at_unix_ms
     assert replayed.expires_at_unix_ms == live.expires_at_unix_ms
+    assert get(srv.stub(), far.session_id).expires_at_unix_ms >= far.timestamp_unix_ms + 70_000 + 600_000
 
 
 def test_empty_policy_version_stays_bound_to_the_default_after_replay(server_factory):

@@ -291,7 +291,7 @@ def test_promote(fresh):
 
 def test_watch_mode_registry_sends_one_notice_now_and_one_per_change(fresh):
     stub = fresh
-    w = Collector(stub.WatchModeRegistry(core_pb2.WatchModeRegistryRequest()))
+    w = Collector(stub.WatchModeRegistry(core_pb2.WatchModeRegistryRequest(), metadata=bearer("watcher")))
     first = w.recv()
     assert first.change.registry == "modes" and first.change.observed_at_unix_ms > 0
     assert register(stub, descriptor("ext.ping.v1")).ok
@@ -309,7 +309,7 @@ def test_watch_mode_registry_sends_one_notice_now_and_one_per_change(fresh):
 
 def test_roots(stub):
     assert list(stub.ListRoots(core_pb2.ListRootsRequest()).roots) == []
-    w = Collector(stub.WatchRoots(core_pb2.WatchRootsRequest()))
+    w = Collector(stub.WatchRoots(core_pb2.WatchRootsRequest(), metadata=bearer("watcher")))
     assert w.recv().change.observed_at_unix_ms > 0
     assert w.nothing_within(0.5) and not w.ended.is_set()              # open, silent
     w.cancel()

@@ -289,7 +289,7 @@ def test_inline_unknown_session_and_unknown_mode(stub):
 
 def test_progress_on_a_stream_goes_to_watch_signals_not_to_the_session(stub):
     sid = start(stub, participants=("alice",))
-    signals = Collector(stub.WatchSignals(core_pb2.WatchSignalsRequest()))
+    signals = Collector(stub.WatchSignals(core_pb2.WatchSignalsRequest(), metadata=bearer("alice")))
     time.sleep(0.2)
     d = Duplex(stub, "alice").subscribe(sid)
     d.recv_n(1)
@@ -377,8 +377,8 @@ def test_rate_limit_on_a_stream_terminates_it(server_factory):
 # --- WatchSignals -----------------------------------------------------------------------------------
 
 def test_watch_signals_receives_signals_and_progress_with_the_derived_sender(stub):
-    w1 = Collector(stub.WatchSignals(core_pb2.WatchSignalsRequest()))
-    w2 = Collector(stub.WatchSignals(core_pb2.WatchSignalsRequest()))
+    w1 = Collector(stub.WatchSignals(core_pb2.WatchSignalsRequest(), metadata=bearer("w1")))
+    w2 = Collector(stub.WatchSignals(core_pb2.WatchSignalsRequest(), metadata=bearer("w2")))
     time.sleep(0.3)
     sig = envelope("", "Signal", "", "", core_pb2.SignalPayload(signal_type="heartbeat", confidence=0.5))
     assert send(stub, sig, as_sender="alice").ok
@@ -402,8 +402,8 @@ def test_watches_end_when_the_server_stops(server_factory):
     sid = start(stub, participants=("alice",))
     d = Duplex(stub, "alice").subscribe(sid)
     d.recv_n(1)
-    w = Collector(stub.WatchSignals(core_pb2.WatchSignalsRequest()))
-    r = Collector(stub.WatchRoots(core_pb2.WatchRootsRequest()))
+    w = Collector(stub.WatchSignals(core_pb2.WatchSignalsRequest(), metadata=bearer("alice")))
+    r = Collector(stub.WatchRoots(core_pb2.WatchRootsRequest(), metadata=bearer("alice")))
     r.recv()
     time.sleep(0.2)
     t0 = time.monotonic()

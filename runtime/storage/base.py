@@ -7,6 +7,8 @@ embedded file log, PostgreSQL) is chosen once at start-up.
 """
 from __future__ import annotations
 
+import os
+
 import abc
 import contextlib
 import dataclasses
@@ -199,3 +201,12 @@ class DocumentStore(abc.ABC):
         """A context in which this name's load-modify-save is exclusive across every instance that shares
         the documents; a no-op where only one process writes them."""
         return contextlib.nullcontext()
+
+
+def private_dirs(*paths: str) -> None:
+    """Create each directory (parents too) if needed and make it 0700, whatever the umask: the data
+    directory holds every session's messages. Files in it are created 0600."""
+    for path in paths:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o777 != 0o700:
+            os.chmod(path, 0o700)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+
+from .base import private_dirs
 import threading
 
 from .base import DocumentStore, StorageError
@@ -61,9 +63,9 @@ class FileDocuments(DocumentStore):
         data = json.dumps(doc, ensure_ascii=False, sort_keys=True, indent=1).encode("utf-8")
         with self._lock:
             try:
-                os.makedirs(self.dir, exist_ok=True)
+                private_dirs(os.path.dirname(self.dir), self.dir)
                 tmp = path + ".tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
                     view = memoryview(data)
                     while view:

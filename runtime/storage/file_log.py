@@ -57,6 +57,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from typing import Iterator
 
+from .base import private_dirs
 from .base import RecoveryReport, StorageError, Store, is_terminal_checkpoint, starts_incarnation
 from .records_pb2 import LogRecord
 
@@ -256,7 +257,7 @@ class FileLogStore(Store):
             if self._opened or self._closed:
                 raise StorageError("FileLogStore.open() may be called only once")
             try:
-                os.makedirs(self.wal_dir, exist_ok=True)
+                private_dirs(self.data_dir, self.wal_dir)
             except OSError as e:
                 raise StorageError(f"cannot create data directory {self.data_dir}: {e}") from e
             self._take_lock()
@@ -271,7 +272,7 @@ class FileLogStore(Store):
     def _take_lock(self) -> None:
         path = os.path.join(self.data_dir, "LOCK")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise StorageError(f"cannot open lock file {path}: {e}") from e
         try:
@@ -440,7 +441,7 @@ class FileLogStore(Store):
     def _create_segment(self, number: int) -> int:
         """Create (or reuse an empty) segment file, fsync the directory, return an O_RDWR fd."""
         path = os.path.join(self.wal_dir, _segment_name(number))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if os.fstat(fd).st_size != 0:
                 raise StorageError(f"new segment {path} already exists and is not empty")
@@ -868,7 +869,7 @@ class FileLogStore(Store):
         fd = -1
         try:
             if keep:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                 new_offsets = array("Q")
                 chunks, pos = [], 0
                 for i in keep:

@@ -1,12 +1,18 @@
 """What every call passes before the kernel sees it (runtime.md §4, §9): the caller's identity,
-the envelope's shape and payload size, start/mode permissions, the per-sender rate limits, and the
-open-stream slots."""
+the envelope's shape, length caps and payload size, start/mode permissions, the per-sender rate
+limits (Cancel/Suspend/Resume included), and the open-stream slots (total and per identity). The
+decisions themselves live in runtime/access.py; this turns them into MacpErrors and statuses."""
 from __future__ import annotations
+
+import asyncio
+import logging
 
 import grpc
 
-from ..auth import Identity
+from .. import access
+from ..auth import Identity, Pending
 from ..errors import Kind, MacpError
+from ..logs import RateLimitedLog
 from ..ratelimit import SlidingWindow
 from ..specs.hooks.common import is_blank
 from .status import abort
@@ -16,22 +22,33 @@ PROTOCOL_VERSION = "1.0"
 
 class Admission:
     def __init__(self, authenticator, *, max_payload_bytes: int, session_start_limit: int, message_limit: int,
-                 max_streams: int, metrics, profile=None):
+                 max_streams: int, metrics, profile=None, max_streams_per_identity: int | None = None,
+                 limits: access.Limits | None = None):
         self.auth = authenticator
         self.profile = profile   # the protocol profile (runtime/profile.py): trailers of refusals
         self.max_payload_bytes = max_payload_bytes
         self.start_window = SlidingWindow(session_start_limit)
         self.message_window = SlidingWindow(message_limit)
-        self.streams = StreamSlots(max_streams)
+        self.streams = StreamSlots(max_streams, max_streams_per_identity)
         self.metrics = metrics   # () -> the engine's metrics (replaced once metrics are on)
+        self.limits = limits or access.Limits()
+        # rejected messages are logged at most 20 lines a second (anonymous traffic cannot flood the log)
+        self.rejected_log = RateLimitedLog(logging.getLogger("macp_runtime.service"))
 
     # --- identity --------------------------------------------------------------------------------
 
-    def identity(self, context) -> Identity | None:
-        return self.auth.authenticate(context.invocation_metadata() or ())
+    async def identity(self, context) -> Identity | None:
+        metadata = context.invocation_metadata() or ()
+        result = self.auth.authenticate_nowait(metadata)
+        if isinstance(result, Pending):   # this call started a JWKS fetch: wait for it off the loop
+            await asyncio.get_running_loop().run_in_executor(None, result.wait)
+            result = self.auth.authenticate_nowait(metadata)
+            if isinstance(result, Pending):
+                return None
+        return result
 
     async def require_identity(self, context) -> Identity:
-        identity = self.identity(context)
+        identity = await self.identity(context)
         if identity is None:
             await abort(context, self.profile, grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated", "UNAUTHENTICATED")
         return identity
@@ -46,6 +63,7 @@ class Admission:
     # --- envelopes -------------------------------------------------------------------------------
 
     def check_shape(self, env) -> None:
+        self.limits.check_envelope(env)
         if env.macp_version != PROTOCOL_VERSION:
             raise MacpError(Kind.InvalidMacpVersion, detail=f"macp_version {env.macp_version!r} is not 1.0")
         if not env.message_type or not env.message_id:
@@ -98,21 +116,28 @@ class Admission:
         return is_start
 
 
+    def admit_control(self, identity: Identity, reason: str) -> None:
+        """Cancel/Suspend/Resume: the reason is capped and the call counts against the message window."""
+        self.limits.check_reason(reason)
+        if not self.rate_allows(identity, False):
+            raise MacpError(Kind.RateLimited, detail=f"rate limit reached for {identity.sender}")
+
+
 class StreamSlots:
-    """Open streams (StreamSession and every Watch*) against MACP_MAX_STREAMS. All on the event loop."""
+    """Open streams (StreamSession and every Watch*) against MACP_MAX_STREAMS and, per identity,
+    MACP_MAX_STREAMS_PER_IDENTITY (access.StreamAccountant decides). Acquire after authentication."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, per_identity: int | None = None):
         self.limit = limit
-        self.open = 0
+        self.accountant = access.StreamAccountant(limit, per_identity)
 
-    async def acquire(self, context) -> None:
-        if self.open >= self.limit:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"too many open streams (MACP_MAX_STREAMS={self.limit})")
-        self.open += 1
+    async def acquire(self, context, identity: Identity) -> None:
+        refused = self.accountant.acquire(identity.sender)
+        if refused is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
 
-    def release(self) -> None:
-        self.open -= 1
+    def release(self, identity: Identity) -> None:
+        self.accountant.release(identity.sender)
 
     def __len__(self) -> int:
-        return self.open
+        return len(self.accountant)

@@ -53,6 +53,9 @@ class DiscoveryHandler:
         return core_pb2.ListModesResponse(modes=self.t.engine.modes.standard)
 
     async def ListExtModes(self, request, context):
+        """An unauthenticated caller gets the descriptors without a registered spec's YAML text."""
+        if await self.t.admission.identity(context) is None:
+            return core_pb2.ListExtModesResponse(modes=self.t.engine.modes.public_extensions)
         return core_pb2.ListExtModesResponse(modes=self.t.engine.modes.extensions)
 
     async def ListRoots(self, request, context):
@@ -61,7 +64,8 @@ class DiscoveryHandler:
     async def WatchRoots(self, request, context):
         """One change notice, then open without further messages until the client goes."""
         t = self.t
-        await t.admission.streams.acquire(context)
+        identity = await t.admission.require_identity(context)
+        await t.admission.streams.acquire(context, identity)
         waiter = _Waiter(t.wakeups)
         t.engine.register_stream(waiter)
         try:
@@ -70,7 +74,7 @@ class DiscoveryHandler:
                 await waiter.bell.wait()
         finally:
             t.engine.unregister_stream(waiter)
-            t.admission.streams.release()
+            t.admission.streams.release(identity)
 
 
 class _Waiter:

@@ -80,8 +80,14 @@ class PolicyHandler:
 
     async def WatchPolicies(self, request, context):
         """The full sorted list now, then after every change; ends OK when the subscriber lags."""
-        bell = Doorbell(self.t.wakeups)
-        initial, sub = self.t.engine.policies.watch(bell.ring)
-        async for frame in watch(bell, sub, _listing, first=[_listing(initial)],
-                                 lagged=on_lag(context, self.t.engine.profile, "WatchPolicies", "changes")):
-            yield frame
+        t = self.t
+        identity = await t.admission.require_identity(context)
+        await t.admission.streams.acquire(context, identity)
+        try:
+            bell = Doorbell(t.wakeups)
+            initial, sub = t.engine.policies.watch(bell.ring)
+            async for frame in watch(bell, sub, _listing, first=[_listing(initial)],
+                                     lagged=on_lag(context, t.engine.profile, "WatchPolicies", "changes")):
+                yield frame
+        finally:
+            t.admission.streams.release(identity)

@@ -38,7 +38,7 @@ class ReceiptHandler:
         """Steps 1–4 of §14.1 / §15.2: authenticated caller, non-empty id, known session, access
         (participants, initiator, observers; for WhatIfReplay also registry managers)."""
         t = self.t
-        identity = t.admission.identity(context)
+        identity = await t.admission.identity(context)
         if identity is None:
             await abort(context, profile, grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated", "UNAUTHENTICATED")
         if not request.session_id:

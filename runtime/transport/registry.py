@@ -48,7 +48,7 @@ class RegistryHandler:
 
     async def _change(self, context, change, *args):
         try:
-            return await self.t.offload(change, *args)
+            return await self.t.offload.always(change, *args)   # compiling a spec never holds up the loop
         except StorageError as exc:
             log.error("could not persist a mode registry change: %s", exc)
             await context.abort(grpc.StatusCode.INTERNAL, "storage failure: the mode registry was not changed")
@@ -56,7 +56,8 @@ class RegistryHandler:
     async def WatchModeRegistry(self, request, context):
         """One change notice now, then one per successful register/unregister/promote (buffer 16)."""
         t = self.t
-        await t.admission.streams.acquire(context)
+        identity = await t.admission.require_identity(context)
+        await t.admission.streams.acquire(context, identity)
         try:
             bell = Doorbell(t.wakeups)
             sub = t.engine.modes.changes.subscribe(bell.ring)
@@ -67,4 +68,4 @@ class RegistryHandler:
                                      lagged=on_lag(context, self.t.engine.profile, "WatchModeRegistry", "changes")):
                 yield frame
         finally:
-            t.admission.streams.release()
+            t.admission.streams.release(identity)

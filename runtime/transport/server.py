@@ -27,7 +27,7 @@ class GrpcServer:
 
     def __init__(self, engine, authenticator, *, bind_addr: str, credentials, reflect: bool, blocking: bool,
                  workers: int, max_payload_bytes: int, session_start_limit: int, message_limit: int,
-                 max_streams: int):
+                 max_streams: int, max_streams_per_identity: int = 0, limits=None):
         self.engine = engine
         self.bind_addr = bind_addr
         self.credentials = credentials
@@ -36,7 +36,8 @@ class GrpcServer:
         self.admission = Admission(authenticator, max_payload_bytes=max_payload_bytes,
                                    session_start_limit=session_start_limit, message_limit=message_limit,
                                    max_streams=max_streams, metrics=lambda: engine.metrics,
-                                   profile=engine.profile)
+                                   profile=engine.profile,
+                                   max_streams_per_identity=max_streams_per_identity, limits=limits)
         self.server: grpc.aio.Server | None = None
         self.health = None
         self.port = 0

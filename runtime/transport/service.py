@@ -21,8 +21,8 @@ SERVICE_NAME = "macp.v1.MACPRuntimeService"
 
 class _Undecodable:
     """What the request deserializer returns for bytes that do not parse: the handler's guard
-    answers INTERNAL (as grpc's own deserialization failure does) instead of UNKNOWN. A handler
-    marked `guards_undecodable` checks for it itself (Send: no wrapper on the hot path)."""
+    answers INVALID_ARGUMENT (the client sent bytes that are not the request message; grpc's own
+    deserialization failure would say INTERNAL, as if the server were broken)."""
 
     @staticmethod
     def HasField(name: str) -> bool:
@@ -46,7 +46,7 @@ def _decoder(request_type):
 def _guard_unary(behaviour):
     async def call(request, context):
         if request is UNDECODABLE:
-            await context.abort(grpc.StatusCode.INTERNAL, UNDECODABLE_DETAILS)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_DETAILS)
         return await behaviour(request, context)
     return call
 
@@ -54,7 +54,7 @@ def _guard_unary(behaviour):
 def _guard_stream(behaviour):
     async def call(request, context):
         if request is UNDECODABLE:
-            await context.abort(grpc.StatusCode.INTERNAL, UNDECODABLE_DETAILS)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_DETAILS)
         async for frame in behaviour(request, context):
             yield frame
     return call

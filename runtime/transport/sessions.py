@@ -9,7 +9,7 @@ from time import perf_counter
 import grpc
 from macp.v1 import core_pb2
 
-from .. import paging
+from .. import access, paging
 from ..engine import Outcome
 from ..errors import Kind, MacpError, StatusError
 from ..session import OPEN
@@ -23,7 +23,7 @@ from .watch import watch
 
 log = logging.getLogger("macp_runtime.service")
 
-UNDECODABLE_DETAILS = "Exception deserializing request!"   # as grpc says for an unparsable request
+UNDECODABLE_DETAILS = "the request does not decode"   # INVALID_ARGUMENT: the client sent bytes that are not the request
 _SendRequest = core_pb2.SendRequest
 MAX_PAGE_SIZE = 1000       # ListSessions page_size above this is served as this
 _OPEN_OUTCOME = Outcome(False, OPEN)
@@ -38,7 +38,7 @@ class MessageHandler:
     async def Send(self, request, context):
         if not request.HasField("envelope"):
             if request.__class__ is not _SendRequest:
-                await context.abort(grpc.StatusCode.INTERNAL, UNDECODABLE_DETAILS)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_DETAILS)
             await abort(context, self.t.engine.profile, grpc.StatusCode.INVALID_ARGUMENT,
                         "SendRequest must contain an envelope", "INVALID_REQUEST")
         t = self.t
@@ -46,11 +46,11 @@ class MessageHandler:
         started = perf_counter()
         engine = t.engine
         try:
-            identity = t.admission.identity(context)
+            identity = await t.admission.identity(context)
             is_start = t.admission.admit_send(env, identity)
             mtype = env.message_type
             if mtype == "Signal" or mtype == "Progress":
-                outcome = await self.ambient(env)
+                outcome = await self.ambient(env, identity)
             else:
                 call = engine.start_session if is_start else engine.process_message
                 if t.offload.blocking:
@@ -58,11 +58,10 @@ class MessageHandler:
                 else:   # the memory store never blocks: no coroutine, no thread
                     outcome = call(env, identity)
         except MacpError as exc:
-            if log.isEnabledFor(logging.INFO):
-                log.info("message rejected", extra={"fields": {
-                    "code": exc.code, "error": exc.message, "message_type": env.message_type, "mode": env.mode,
-                    "session_id": env.session_id, "message_id": env.message_id, "sender": env.sender,
-                    "detail": exc.detail}})
+            t.admission.rejected_log.info("message rejected", {
+                "code": exc.code, "error": exc.message, "message_type": env.message_type, "mode": env.mode,
+                "session_id": env.session_id, "message_id": env.message_id, "sender": env.sender,
+                "detail": exc.detail})
             engine.metrics.send_done(env.mode, env.message_type, exc.code, perf_counter() - started)
             return core_pb2.SendResponse(ack=error_ack(exc, env.message_id, env.session_id, engine.profile))
         engine.metrics.send_done(env.mode, mtype, "", perf_counter() - started)
@@ -70,12 +69,16 @@ class MessageHandler:
 
     Send.guards_undecodable = True
 
-    async def ambient(self, env) -> Outcome:
-        """Signals and Progress: validated, never part of any session's history (§6)."""
+    async def ambient(self, env, identity) -> Outcome:
+        """Signals and Progress: validated, never part of any session's history (§6). One that names
+        an existing session (session_id, or a Signal's correlation_session_id) needs a caller who may
+        write to it; it then reaches only the watchers who may read that session."""
+        payload = None
         if env.payload:
             try:
                 if env.message_type == "Signal":
-                    if is_blank(core_pb2.SignalPayload.FromString(env.payload).signal_type):
+                    payload = core_pb2.SignalPayload.FromString(env.payload)
+                    if is_blank(payload.signal_type):
                         raise MacpError(Kind.InvalidPayload, detail="signal_type must not be blank")
                 else:
                     core_pb2.ProgressPayload.FromString(env.payload)
@@ -84,34 +87,41 @@ class MessageHandler:
             except Exception:
                 raise MacpError(Kind.InvalidPayload, detail=f"{env.message_type} payload does not decode") from None
         engine = self.t.engine
+        subject = access.signal_subject(env, payload)
+        if subject:
+            session = engine.peek(subject)
+            if session is not None and not access.may_write(session, identity):
+                raise MacpError(Kind.Forbidden, detail=f"{identity.sender!r} may not signal session {subject!r}")
         signals, cluster = engine.signals, engine.cluster
         if len(signals) or cluster is not None:
             item = signal_response(env, engine.profile.signals_need_auth)
-            signals.publish(item)
+            signals.publish((subject, item))
             if cluster is not None:   # other instances' WatchSignals subscribers (PostgreSQL NOTIFY)
                 await self.t.offload(cluster.publish_signal, item)
         return _OPEN_OUTCOME
 
     async def WatchSignals(self, request, context):
         t = self.t
-        if t.engine.profile.signals_need_auth:   # current.md §9.1: any identity, before any frame
-            await t.admission.require_identity(context)
-        await t.admission.streams.acquire(context)
+        # every watch needs a credential (issue 12; current.md §9.1 asks the same of WatchSignals)
+        identity = await t.admission.require_identity(context)
+        peek = t.engine.peek
+
+        def render(entry):
+            subject, item = entry
+            return item if access.may_watch_signal(subject, peek, identity) else None
+
+        await t.admission.streams.acquire(context, identity)
         try:
             bell = Doorbell(t.wakeups)
             sub = t.engine.signals.subscribe(bell.ring)
             if t.engine.closing.is_set():
                 sub.cancel()
                 return
-            async for frame in watch(bell, sub, _same,
+            async for frame in watch(bell, sub, render,
                                      lagged=on_lag(context, t.engine.profile, "WatchSignals", "signals")):
                 yield frame
         finally:
-            t.admission.streams.release()
-
-
-def _same(item):
-    return item
+            t.admission.streams.release(identity)
 
 
 class SessionHandler:
@@ -141,6 +151,7 @@ class SessionHandler:
         t = self.t
         identity = await t.admission.require_identity(context)
         try:
+            t.admission.admit_control(identity, request.reason)
             outcome = await t.offload(action, request.session_id, identity, request.reason)
         except StatusError as exc:
             await abort_status_error(context, t.engine.profile, exc)
@@ -152,9 +163,9 @@ class SessionHandler:
         """Every session in memory (no lazy expiry). page_size 0 = all of them, as v0.4.0 answers;
         page_size > 0 pages in (started_at, session_id) order with an opaque next_page_token."""
         t = self.t
-        await t.admission.require_identity(context)
+        identity = await t.admission.require_identity(context)
         await t.offload(t.engine.refresh_sessions)   # a shared store: sessions other instances hold too
-        sessions = t.engine.sessions()
+        sessions = t.engine.readable_sessions(identity)
         profile = t.engine.profile
         if profile.paged_list_sessions:   # current.md §10
             try:
@@ -182,8 +193,8 @@ class SessionHandler:
 
     async def WatchSessions(self, request, context):
         t = self.t
-        await t.admission.require_identity(context)
-        await t.admission.streams.acquire(context)
+        identity = await t.admission.require_identity(context)
+        await t.admission.streams.acquire(context, identity)
         try:
             await t.offload(t.engine.refresh_sessions)   # a shared store: sessions other instances hold too
             bell = Doorbell(t.wakeups)
@@ -191,16 +202,20 @@ class SessionHandler:
             if t.engine.closing.is_set():
                 sub.cancel()
                 return
-            synced = t.engine.sessions()
+            synced = t.engine.readable_sessions(identity)
             first = [created_event(s) for s in synced]
-            render = lifecycle_response
+            shown = lifecycle_response
             if t.engine.profile.created_once:   # current.md §7: one CREATED per session (sync wins)
-                render = _once_created({s.session_id for s in synced})
+                shown = _once_created({s.session_id for s in synced})
+
+            def render(item):   # only sessions this caller may read (access.may_read)
+                return shown(item) if access.may_read(item[1], identity) else None
+
             async for frame in watch(bell, sub, render, first,
                                      lagged=on_lag(context, t.engine.profile, "WatchSessions", "events")):
                 yield frame
         finally:
-            t.admission.streams.release()
+            t.admission.streams.release(identity)
 
 
 def _once_created(synced: set):

@@ -17,6 +17,7 @@ import logging
 import grpc
 from macp.v1 import core_pb2
 
+from .. import access
 from ..errors import Kind, MacpError, StatusError
 from ..session import OPEN
 from ..specs.hooks.common import is_blank
@@ -138,10 +139,10 @@ class StreamHandler:
     async def StreamSession(self, request_iterator, context):
         t = self.t
         admission = t.admission
-        identity = admission.identity(context)
+        identity = await admission.identity(context)
         if identity is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
-        await admission.streams.acquire(context)
+        await admission.streams.acquire(context, identity)
         engine = t.engine
         stream = SessionStream(t.wakeups)
         stream.task = asyncio.current_task()
@@ -156,7 +157,7 @@ class StreamHandler:
             if stream.subscribed:
                 engine.unsubscribe(stream.bound, stream)
             engine.unregister_stream(stream)
-            admission.streams.release()
+            admission.streams.release(identity)
 
     async def _serve(self, stream: SessionStream, context, identity) -> None:
         live, requests = stream.live, stream.requests
@@ -198,7 +199,7 @@ class StreamHandler:
     async def _frame(self, stream: SessionStream, request, identity) -> list:
         """One client frame: the frames it produces; raises _Terminate to end the stream."""
         if request.__class__ is not _Request:   # a frame that did not parse
-            raise _Terminate(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+            raise _Terminate(grpc.StatusCode.INVALID_ARGUMENT, "the StreamSessionRequest frame does not decode")
         if request.subscribe_session_id:
             return await self._subscribe(stream, request, identity)
         if not request.HasField("envelope"):
@@ -242,20 +243,32 @@ class StreamHandler:
             raise _Terminate(grpc.StatusCode.RESOURCE_EXHAUSTED, "RateLimited")
         if stream.bound is None:
             stream.bound = session_id
-        if not stream.subscribed:
+        # The subscription is provisional until the frame is accepted (so the accepted envelope itself
+        # comes back through the channel, in log order); a refused frame withdraws it with everything
+        # it queued, so a refused frame never lets a stream read a session (access.may_read decides).
+        provisional = not stream.subscribed
+        if provisional:
             engine.subscribe(session_id, stream)
             stream.subscribed = True
         try:
             if is_start:
                 await commit(t, session_id, engine.start_session, env, identity)
             elif mtype == "Progress":
-                await t.messages.ambient(env)
+                await t.messages.ambient(env, identity)
             else:
                 await commit(t, session_id, engine.process_message, env, identity)
         except MacpError as exc:
+            if provisional:
+                await _withdraw(t, stream, session_id)
             engine.metrics.send_done(env.mode, mtype, exc.code, None)
             return [_inline_or_end(exc, stream, engine.profile)]
         engine.metrics.send_done(env.mode, mtype, "", None)
+        if provisional:
+            session = engine.peek(session_id)
+            if session is None or not access.may_read(session, identity):
+                # accepted (a mode open to anyone) but not a reader: only its own envelope comes back
+                await _withdraw(t, stream, session_id)
+                return [core_pb2.StreamSessionResponse(envelope=env)]
         return []   # success: the accepted envelope comes back through the session's channel
 
     async def _frame_current(self, stream: SessionStream, env, identity) -> list:
@@ -276,21 +289,32 @@ class StreamHandler:
             is_start = t.admission.admit_send(env, identity)
             if stream.bound is None:
                 stream.bound = session_id
-            if not stream.subscribed:
+            provisional = not stream.subscribed   # kept only when accepted and readable (see _frame)
+            if provisional:
                 engine.subscribe(session_id, stream)
                 stream.subscribed = True
-            if is_start:
-                await commit(t, session_id, engine.start_session, env, identity)
-            elif mtype == "Progress":
-                await t.messages.ambient(env)
-            else:
-                await commit(t, session_id, engine.process_message, env, identity)
+            try:
+                if is_start:
+                    await commit(t, session_id, engine.start_session, env, identity)
+                elif mtype == "Progress":
+                    await t.messages.ambient(env, identity)
+                else:
+                    await commit(t, session_id, engine.process_message, env, identity)
+            except MacpError:
+                if provisional:
+                    await _withdraw(t, stream, session_id)
+                raise
         except MacpError as exc:
             engine.metrics.send_done(env.mode, mtype, exc.code, None)
             if exc.kind is Kind.StorageFailed:
                 raise _Terminate(grpc.StatusCode.INTERNAL, exc.status_message, "INTERNAL_ERROR") from None
             return [inline_macp_error(exc, stream.bound or session_id, env.message_id, profile)]
         engine.metrics.send_done(env.mode, mtype, "", None)
+        if provisional:
+            session = engine.peek(session_id)
+            if session is None or not access.may_read(session, identity):
+                await _withdraw(t, stream, session_id)
+                return [core_pb2.StreamSessionResponse(envelope=env)]
         return []
 
     async def _subscribe(self, stream: SessionStream, request, identity) -> list:
@@ -345,6 +369,15 @@ def _replay_after_ordinal(records, after: int, session, session_id: str) -> list
         return [_MACPFrame("INVALID_ENVELOPE", f"session history before ordinal {base} was compacted; resume with "
                            f"after_sequence >= {base} or re-read state via GetSession", session_id)]
     return [history_frame(r) for r in accepted[max(after - base, 0):]]
+
+
+async def _withdraw(t, stream: SessionStream, session_id: str) -> None:
+    """Take back a provisional subscription and everything it queued (once no publish to the session
+    is in flight any more: publishes run under the session's lock)."""
+    stream.subscribed = False
+    await t.offload(t.engine.unsubscribe_settled, session_id, stream)
+    stream.live.clear()
+    stream.dropped = 0
 
 
 def _inline_or_end(exc: MacpError, stream: SessionStream, profile=None):
