@@ -650,7 +650,8 @@ def _str_list(ctx: _Ctx, node: dict, key: str, path: str, required=True) -> list
     return value
 
 
-def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = None) -> CompiledMode:
+def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = None, *,
+                 validate: bool = True) -> CompiledMode:
     """Validate `spec` (as returned by the loader) and build its CompiledMode. Raises SpecError only:
     whatever else a spec provokes (a message type that collides with a machine attribute, a value of
     an unexpected type, nesting too deep) is reported as a SpecError too."""
@@ -659,7 +660,7 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _compile_spec(spec, file, overrides)
+        return _compile_spec(spec, file, overrides, validate)
     except SpecError:
         raise
     except RecursionError:
@@ -671,7 +672,7 @@ def compile_spec(spec: LineDict, file: str = "<spec>", overrides: dict | None = 
             gc.enable()
 
 
-def _compile_spec(spec: LineDict, file: str, overrides: dict | None) -> CompiledMode:
+def _compile_spec(spec: LineDict, file: str, overrides: dict | None, validate: bool = True) -> CompiledMode:
     ctx = _Ctx(file)
     if not isinstance(spec, dict):
         raise ctx.fail(None, "", "a mode spec must be a mapping")
@@ -684,7 +685,8 @@ def _compile_spec(spec: LineDict, file: str, overrides: dict | None) -> Compiled
     except SpecError as exc:
         problems.append(SpecError(exc.file, exc.path, exc.message,
                                   exc.line or (spec.lines.get("hooks") if isinstance(spec, LineDict) else None)))
-    problems += validate_spec(spec, file, resolver.find if resolver is not None else None)
+    if validate:   # a spec generated from a template the runtime ships (passthrough) skips the schema pass
+        problems += validate_spec(spec, file, resolver.find if resolver is not None else None)
     if problems:
         raise SpecErrors(problems)
     for key in REQUIRED_TOP:

@@ -17,40 +17,77 @@ from conftest import bearer, commitment, envelope, new_session_id, send, start_p
 
 OPEN = envelope_pb2.SESSION_STATE_OPEN
 RESOLVED = envelope_pb2.SESSION_STATE_RESOLVED
-RAISES = "{hook: generic.field_in, field: x, values: abc}"   # `1 in "abc"` raises TypeError; `"a" in "abc"` not
+HOOKS_PY = '''"""Hooks that raise on demand: a JSON payload {"boom": true} makes them fail."""
 
-FRAGILE = f"""\
+
+def notes(session):
+    return {"notes": []}
+
+
+def record(ctx):
+    ctx.state["notes"].append(ctx.sender)
+    if ctx.payload.get("boom"):
+        raise RuntimeError("effect failed after changing the state")
+
+
+def checked(ctx):
+    if ctx.payload.get("boom"):
+        raise KeyError("guard failed")
+    return True
+
+
+def crowded(ctx):
+    if ctx.payload.get("boom"):
+        raise ZeroDivisionError("condition failed")
+    return len(ctx.state["notes"]) > 99
+
+
+def has_notes(ctx):
+    return bool(ctx.state["notes"])
+
+
+def picky_start(session):
+    if "boom" in session.participants:
+        raise ValueError("start requirement failed")
+    return True
+
+
+def not_bytes(ctx):
+    return 42
+'''
+
+FRAGILE = """\
 spec_version: 1
-mode: MODE
+mode: ext.fragile.v1
 version: 1.0.0
+hooks: fragile_hooks.py
 descriptor:
   message_types: [SessionStart, Note, Poke, Shift, Commitment]
-payloads: {{Note: json, Poke: json, Shift: json, Commitment: macp.v1.CommitmentPayload}}
-state: {{initial: generic.message_log}}
-phases: {{initial: Open, names: [Open, Done, Other]}}
+payloads: {Note: json, Poke: json, Shift: json, Commitment: macp.v1.CommitmentPayload}
+state: {initial: notes}
+session_start: {requires: [picky_start]}
+phases: {initial: Open, names: [Open, Done, Other]}
 transitions:
-  - message: Note
-    from: [Open]
-    to: Open
-    senders: [participant]
-    effects: [generic.record, {RAISES}]
-  - message: Poke
-    from: [Open]
-    to: Open
-    senders: [participant]
-    guards: [{{check: {RAISES}}}]
+  - {message: Note, from: [Open], to: Open, senders: [participant], effects: [record]}
+  - {message: Poke, from: [Open], to: Open, senders: [participant], guards: [{check: checked, why: poke}]}
   - message: Shift
     from: [Open]
-    to: [{{phase: Other, when: {{hook: generic.count_at_least, message: Note, count: "2"}}}}, {{phase: Open}}]
+    to: [{phase: Other, when: crowded}, {phase: Open}]
     senders: [participant]
-    effects: [generic.record]
-commitment:
-  message: Commitment
-  from: [Open]
-  to: Done
-  senders: [initiator]
-  ready: {{hook: generic.count_at_least, message: Note, count: 1}}
+commitment: {message: Commitment, from: [Open], to: Done, senders: [initiator], ready: has_notes}
 """
+BAD_RESOLUTION = FRAGILE.replace("ext.fragile.v1", "ext.badres.v1").replace("ready: has_notes",
+                                                                          "resolution: not_bytes")
+
+
+@pytest.fixture
+def fragile(server_factory, tmp_path):
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "fragile_hooks.py").write_text(HOOKS_PY)
+    (specs / "fragile.yaml").write_text(FRAGILE)
+    (specs / "badres.yaml").write_text(BAD_RESOLUTION)
+    return server_factory(env={"MACP_STRICT_RECOVERY": "1", "MACP_SPECS_DIR": str(specs)})
 
 
 def register(stub, name, text):
@@ -75,24 +112,22 @@ def json_env(mode, mtype, sid, value):
     return envelope(mode, mtype, sid, "", json.dumps(value).encode())
 
 
-def test_a_raising_hook_is_refused_before_anything_is_durable(server_factory):
-    srv = server_factory(env={"MACP_STRICT_RECOVERY": "1"})
+def test_a_raising_hook_is_refused_before_anything_is_durable(fragile):
+    srv = fragile
     stub = srv.stub()
     mode = "ext.fragile.v1"
-    resp = register(stub, mode, FRAGILE)
-    assert resp.ok, resp.error
     sid = new_session_id()
     assert send(stub, envelope(mode, "SessionStart", sid, "alice", start_payload(["alice", "bob"]))).ok
-    assert send(stub, json_env(mode, "Note", sid, {"x": "a"}), as_sender="bob").ok       # the effect does not raise
-    for mtype in ("Note", "Poke"):                      # an effect and a guard that raise
-        ack = send(stub, json_env(mode, mtype, sid, {"x": 1}), as_sender="bob")
-        assert not ack.ok and ack.error.code == "INVALID_ENVELOPE" and ack.error.message == "InvalidModeState", ack
-    ack = send(stub, json_env(mode, "Shift", sid, {}), as_sender="bob")            # a phase branch that raises
+    for mtype in ("Note", "Poke", "Shift"):   # an effect (after changing the state), a guard, a phase condition
+        ack = send(stub, json_env(mode, mtype, sid, {"boom": True}), as_sender="bob")
+        assert not ack.ok and ack.error.code == "INVALID_ENVELOPE" and ack.error.message.startswith("InvalidModeState"), ack
+    assert history(stub, sid) == ["SessionStart"]                                    # nothing of them written
+    # the refused Note's effect changed only its copy: no note recorded, so a Commitment is not ready yet
+    ack = send(stub, envelope(mode, "Commitment", sid, "alice", commitment(mode_version="1.0.0")))
     assert not ack.ok and ack.error.code == "INVALID_ENVELOPE", ack
-    assert history(stub, sid) == ["SessionStart", "Note"]                            # nothing of them written
+    assert send(stub, json_env(mode, "Note", sid, {"boom": False}), as_sender="bob").ok
     md = stub.GetSession(core_pb2.GetSessionRequest(session_id=sid), metadata=bearer("alice")).metadata
     assert md.state == OPEN
-    # the live state was not touched by the refused Note's first effect: one Note recorded, so ready holds
     srv.restart()                                                                    # strict recovery starts
     stub = srv.stub()
     assert history(stub, sid) == ["SessionStart", "Note"]
@@ -100,26 +135,34 @@ def test_a_raising_hook_is_refused_before_anything_is_durable(server_factory):
     assert ack.ok and ack.session_state == RESOLVED, ack
 
 
-def test_a_raising_start_requirement_or_resolution_is_refused(server_factory):
-    srv = server_factory()
-    stub = srv.stub()
-    start_raises = FRAGILE.replace("state: {initial: generic.message_log}",
-                                   "state: {initial: generic.message_log}\nsession_start:\n"
-                                   "  requires: [{hook: generic.min_participants, count: \"2\"}]")
-    assert register(stub, "ext.badstart.v1", start_raises).ok
+def test_a_raising_start_requirement_or_resolution_is_refused(fragile):
+    stub = fragile.stub()
     sid = new_session_id()
-    ack = send(stub, envelope("ext.badstart.v1", "SessionStart", sid, "alice", start_payload(["alice", "bob"])))
+    ack = send(stub, envelope("ext.fragile.v1", "SessionStart", sid, "alice", start_payload(["alice", "boom"])))
     assert not ack.ok and ack.error.code == "INVALID_ENVELOPE", ack
-    assert not stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("alice")).sessions
-    bad_resolution = FRAGILE.replace("  ready: {hook: generic.count_at_least, message: Note, count: 1}",
-                                     "  resolution: generic.first_from_sender")
-    assert register(stub, "ext.badres.v1", bad_resolution).ok
+    assert sid not in {s.session_id for s in
+                       stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("alice")).sessions}
     sid = new_session_id()
     assert send(stub, envelope("ext.badres.v1", "SessionStart", sid, "alice", start_payload(["alice", "bob"]))).ok
     ack = send(stub, envelope("ext.badres.v1", "Commitment", sid, "alice", commitment(mode_version="1.0.0")))
     assert not ack.ok and ack.error.code == "INVALID_ENVELOPE", ack
     md = stub.GetSession(core_pb2.GetSessionRequest(session_id=sid), metadata=bearer("alice")).metadata
     assert md.state == OPEN
+
+
+REGISTERED = """\
+spec_version: 1
+mode: MODE
+version: 1.0.0
+descriptor:
+  message_types: [SessionStart, Note, Poke, Shift, Commitment]
+payloads: {Note: json, Poke: json, Shift: json, Commitment: macp.v1.CommitmentPayload}
+state: {initial: generic.message_log}
+phases: {initial: Open, names: [Open, Done]}
+transitions:
+  - {message: Note, from: [Open], to: Open, senders: [participant], effects: [generic.record]}
+commitment: {message: Commitment, from: [Open], to: Done, senders: [initiator]}
+"""
 
 
 @pytest.mark.parametrize("replace,needle", [
@@ -132,13 +175,13 @@ def test_a_raising_start_requirement_or_resolution_is_refused(server_factory):
 ])
 def test_hook_names_resolve_only_to_fitting_public_functions(runtime_server, replace, needle):
     """Before: `effects: [generic.is_blank]` registered and then failed at run time with gRPC UNKNOWN."""
-    text = FRAGILE.replace(replace, needle)
+    text = REGISTERED.replace(replace, needle)
     assert needle in text
     resp = register(runtime_server.stub(), f"ext.hookcheck{abs(hash(needle)) % 10**6}.v1", text)
     assert not resp.ok and "<spec-yaml>" in resp.error, resp.error
 
 
 def test_a_role_hook_with_the_wrong_arity_is_refused(runtime_server):
-    text = FRAGILE.replace("phases:", "roles: {scribe: generic.record}\nphases:")
+    text = REGISTERED.replace("phases:", "roles: {scribe: generic.record}\nphases:")
     resp = register(runtime_server.stub(), "ext.rolecheck.v1", text)
     assert not resp.ok and "roles.scribe" in resp.error, resp.error

@@ -482,14 +482,20 @@ def test_logged_values_are_escaped_and_rejections_rate_limited(server, stub):
     forged = "x\n2026-01-01 00:00:00,000 INFO macp_runtime.engine: session created session_id=s initiator=admin"
     env = envelope(DECISION, "Proposal", new_session_id(), "", b"", message_id=forged)
     assert not send(stub, env, ALICE).ok
+    time.sleep(0.5)
+    before = server.log().count("message rejected")
+    t0 = time.monotonic()
     for _ in range(400):
         send(stub, envelope(DECISION, "Proposal", new_session_id(), "", b"", message_id="y" * 250), [])
+    elapsed = time.monotonic() - t0
     time.sleep(0.5)
     log = server.log()
     assert not any(line.startswith("2026-01-01 00:00:00,000") for line in log.splitlines())
     assert "x\\n2026-01-01" in log
-    assert log.count("message rejected") < 200
-    assert "suppressed_before" in log or log.count("message rejected") < 100
+    logged = log.count("message rejected") - before
+    assert logged <= 20 * (elapsed + 1) + 20, (logged, elapsed)     # 20 lines a second at most
+    if elapsed < 15:
+        assert "suppressed_before" in log
 
 
 # --- 14. Secrets stay secret and files stay private ---------------------------------------------------------------
