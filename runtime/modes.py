@@ -251,7 +251,9 @@ class ModeRegistry:
             if compiled.standards_track:
                 return f"mode '{name}' is already standards-track", ""
             final = new_name if new_name and new_name != name else name
-            if final != name and final.startswith("macp.mode."):   # both profiles (issue 12)
+            # current profile (the default): never into the reserved namespace; the v0.4.0 profile keeps
+            # the reference runtime's answer (tests/test_profile_registry_wire.py)
+            if self.commitment_only and final != name and final.startswith("macp.mode."):
                 return f"cannot promote '{name}' into the reserved macp.mode.* namespace", ""
             if len(final) > MAX_MODE_NAME:
                 return f"mode name is longer than {MAX_MODE_NAME} characters", ""

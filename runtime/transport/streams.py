@@ -77,6 +77,8 @@ class SessionStream:
         """Queue a live envelope; never blocks. False tells the engine to drop this subscriber."""
         if self.finished:
             return False
+        if not self.subscribed:       # a withdrawn provisional subscription: a late delivery is dropped
+            return True
         if index < self.floor:        # covered by the history snapshot already sent
             return True
         if self.dropped:              # already cut off: only count, so the status can say how many
@@ -335,13 +337,13 @@ class StreamHandler:
                 return [_MACPFrame("FORBIDDEN", FORBIDDEN_SUBSCRIBE, stream.bound or "")]
             return [inline_error(FORBIDDEN_SUBSCRIBE, stream.bound or "")]
         stream.bound = session_id
+        stream.subscribed = True   # before the snapshot: live offers made meanwhile are kept
         try:
             records = await self.t.offload(engine.subscribe_with_history, session, stream)
         except StatusError as exc:     # evicted in between
             raise _Terminate(status_of(exc), exc.message) from None
         except MacpError as exc:
             raise _Terminate(*error_status(exc)) from None
-        stream.subscribed = True
         if engine.profile.after_sequence_ordinals:
             return _replay_after_ordinal(records, request.after_sequence, session, session_id)
         return [history_frame(records[i]) for i in range(min(request.after_sequence, len(records)), len(records))
