@@ -448,10 +448,14 @@ def test_the_rate_limiter_memory_is_bounded():
 
 # --- 12. PromoteMode cannot rename into macp.mode.* ----------------------------------------------------------
 
-def test_promote_mode_cannot_rename_into_the_reserved_namespace(stub):
-    """Before: PromoteMode renamed an extension to macp.mode.anything (RegisterExtMode refuses that name)."""
+def test_promote_mode_cannot_rename_into_the_reserved_namespace(server_factory):
+    """Before: PromoteMode renamed an extension to macp.mode.anything (RegisterExtMode refuses that name).
+    Now refused under the current profile (the default); the v0.4.0 profile keeps the reference's answer."""
+    stub = server_factory(env={"MACP_AUTH_TOKENS_JSON": json.dumps(TOKENS),
+                               "MACP_PROTOCOL_PROFILE": "current"}).stub()
     name = f"ext.promo{uuid.uuid4().hex[:6]}.v1"
-    d = core_pb2.ModeDescriptor(mode=name, mode_version="1", message_types=["Note"])
+    d = core_pb2.ModeDescriptor(mode=name, mode_version="1", message_types=["Note", "Commitment"],
+                                terminal_message_types=["Commitment"])
     assert stub.RegisterExtMode(core_pb2.RegisterExtModeRequest(mode_descriptor=d), metadata=ADMIN).ok
     resp = stub.PromoteMode(core_pb2.PromoteModeRequest(mode=name, promoted_mode_name="macp.mode.evil.v1"),
                             metadata=ADMIN)
