@@ -454,6 +454,8 @@ def test_session_stream_queues_live_envelopes_without_blocking_and_counts_a_lag(
 
     async def scenario():
         stream = rs.SessionStream(Wakeups(asyncio.get_running_loop()))
+        assert stream.offer(0, "z") and not stream.live       # not subscribed (a withdrawn provisional one)
+        stream.subscribed = True                              # the engine offers only to subscribed streams
         assert stream.offer(0, "a") and list(stream.live) == [(0, "a")]
         await asyncio.wait_for(stream.bell.wait(), 1)        # a ring before the wait is not lost
         stream.live.clear()
