@@ -83,7 +83,7 @@ def test_cancelled_sessions_are_evicted_under_current(server_factory):
         assert send(stub, envelope(MODE, "SessionStart", sid, "coord", start_payload(["alice"]))).ok
         assert stub.CancelSession(core_pb2.CancelSessionRequest(session_id=sid), metadata=bearer("coord")).ack.ok
         time.sleep(1.0)
-        listed = [s.session_id for s in stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("a")).sessions]
+        listed = [s.session_id for s in stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=bearer("coord")).sessions]
         assert (sid not in listed) is evicted, profile
         srv.kill()
 
