@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import re
 
 from .redact import mask_url  # noqa: F401  (re-exported: the start-up log masks with it)
 
