@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import queue
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -64,6 +65,8 @@ class EventStream:
 
     def __init__(self, port: int, token: str, query: str = ""):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.conn.connect()
+        self.sock = self.conn.sock   # kept: close() must wake the reader thread blocked on it
         self.conn.request("GET", "/api/events" + query, headers={"Authorization": f"Bearer {token}"})
         self.response = self.conn.getresponse()
         self.status = self.response.status
@@ -101,6 +104,13 @@ class EventStream:
                 return event, data
 
     def close(self):
+        # Shut the socket down first: the reader thread sits in a read holding the response's buffer
+        # lock, and closing the response waits for that lock — while the server's keep-alive comments
+        # keep the read from ever timing out. After shutdown the read returns at once.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.conn.close()
         except Exception:
