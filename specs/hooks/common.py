@@ -35,21 +35,34 @@ def commitment_matches_session(ctx: HookContext) -> bool:
     """§1.3: required fields, version binding to the session, supersedes shape, outcome sign."""
     c = ctx.payload
     session = ctx.session
-    if is_blank(c.commitment_id) or is_blank(c.action) or is_blank(c.authority_scope) or is_blank(c.reason):
-        raise Reject("InvalidPayload", detail="commitment_id, action, authority_scope and reason are required")
-    if c.mode_version != session.mode_version or c.configuration_version != session.configuration_version:
-        raise Reject("InvalidPayload", detail="commitment mode_version/configuration_version differ from the session")
+    _check_commitment_fields(c, session)
     if session.policy_version and c.policy_version != session.policy_version:
         raise Reject("InvalidPayload", detail="commitment policy_version differs from the session's bound policy")
     if c.HasField("supersedes") and (is_blank(c.supersedes.session_id) or is_blank(c.supersedes.commitment_hash)):
         raise Reject("InvalidPayload", detail="supersedes needs session_id and commitment_hash")
+    _check_outcome_sign(c)
+    return True
+
+
+# Steps of the contract that every protocol line shares (rules4.commitment_contract uses them too);
+# private, so no spec can name them as hooks.
+
+def _check_commitment_fields(c, session) -> None:
+    """Required fields and the version binding to the session (§1.3 steps 1-3)."""
+    if is_blank(c.commitment_id) or is_blank(c.action) or is_blank(c.authority_scope) or is_blank(c.reason):
+        raise Reject("InvalidPayload", detail="commitment_id, action, authority_scope and reason are required")
+    if c.mode_version != session.mode_version or c.configuration_version != session.configuration_version:
+        raise Reject("InvalidPayload", detail="commitment mode_version/configuration_version differ from the session")
+
+
+def _check_outcome_sign(c) -> None:
+    """§1.4: an action's suffix fixes the sign of outcome_positive."""
     action = c.action
     if action.endswith(_NEGATIVE_SUFFIXES):
         if c.outcome_positive:
             raise Reject("InvalidPayload", detail=f"action {action!r} requires outcome_positive = false")
     elif action.endswith(_POSITIVE_SUFFIXES) and not c.outcome_positive:
         raise Reject("InvalidPayload", detail=f"action {action!r} requires outcome_positive = true")
-    return True
 
 
 @hook("resolution")

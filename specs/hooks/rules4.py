@@ -11,7 +11,7 @@ from macp.modes.multi_round.v1 import multi_round_pb2
 
 from . import multi_round as multi_round_hooks
 from . import task as task_hooks
-from .common import _NEGATIVE_SUFFIXES, _POSITIVE_SUFFIXES, is_blank
+from .common import _check_commitment_fields, _check_outcome_sign, is_blank
 from .context import HookContext, Reject
 from .governance import Denial
 from .policy_rules import HANDOFF_SCHEMA, TASK_SCHEMA, rules_for
@@ -26,21 +26,13 @@ def commitment_contract(ctx: HookContext) -> bool:
     a well-formed `supersedes`, the outcome sign."""
     c = ctx.payload
     session = ctx.session
-    if is_blank(c.commitment_id) or is_blank(c.action) or is_blank(c.authority_scope) or is_blank(c.reason):
-        raise Reject("InvalidPayload", detail="commitment_id, action, authority_scope and reason are required")
-    if c.mode_version != session.mode_version or c.configuration_version != session.configuration_version:
-        raise Reject("InvalidPayload", detail="commitment mode_version/configuration_version differ from the session")
+    _check_commitment_fields(c, session)
     if c.policy_version and c.policy_version != session.policy_version:
         raise Reject("InvalidPayload", detail="commitment policy_version differs from the session's bound policy")
     if c.HasField("supersedes") and (is_blank(c.supersedes.session_id)
                                      or not _COMMITMENT_HASH.match(c.supersedes.commitment_hash)):
         raise Reject("InvalidPayload", detail="supersedes needs session_id and a sha256:<64 hex> commitment_hash")
-    action = c.action
-    if action.endswith(_NEGATIVE_SUFFIXES):
-        if c.outcome_positive:
-            raise Reject("InvalidPayload", detail=f"action {action!r} requires outcome_positive = false")
-    elif action.endswith(_POSITIVE_SUFFIXES) and not c.outcome_positive:
-        raise Reject("InvalidPayload", detail=f"action {action!r} requires outcome_positive = true")
+    _check_outcome_sign(c)
     return True
 
 
