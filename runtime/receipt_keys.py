@@ -35,7 +35,7 @@ import time
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .storage.base import StorageError
+from .storage.base import StorageError, write_private_atomic
 
 log = logging.getLogger("macp_runtime.receipt_keys")
 
@@ -181,25 +181,9 @@ class FileKeySet:
 
     def save(self, doc) -> None:
         data = json.dumps(doc, sort_keys=True, indent=1).encode("utf-8")
-        directory = os.path.dirname(self.path) or "."
-        tmp = self.path + ".tmp"
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)   # whatever the umask or a leftover file said
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            write_private_atomic(self.path, data)
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from None
 

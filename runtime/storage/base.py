@@ -210,3 +210,24 @@ def private_dirs(*paths: str) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
         if os.stat(path).st_mode & 0o777 != 0o700:
             os.chmod(path, 0o700)
+
+
+def write_private_atomic(path: str, data: bytes) -> None:
+    """Replace `path` with `data` durably and privately: a 0600 temporary file (whatever the umask or a
+    leftover file said), fsynced, renamed over the target, then the directory fsynced. Raises OSError."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

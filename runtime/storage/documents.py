@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from .base import private_dirs
+from .base import private_dirs, write_private_atomic
 import threading
 
 from .base import DocumentStore, StorageError
@@ -64,21 +64,7 @@ class FileDocuments(DocumentStore):
         with self._lock:
             try:
                 private_dirs(os.path.dirname(self.dir), self.dir)
-                tmp = path + ".tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-                dir_fd = os.open(self.dir, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                write_private_atomic(path, data)
             except OSError as exc:
                 raise StorageError(f"cannot write {path}: {exc}") from None
 
