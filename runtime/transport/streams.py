@@ -245,33 +245,13 @@ class StreamHandler:
             raise _Terminate(grpc.StatusCode.RESOURCE_EXHAUSTED, "RateLimited")
         if stream.bound is None:
             stream.bound = session_id
-        # The subscription is provisional until the frame is accepted (so the accepted envelope itself
-        # comes back through the channel, in log order); a refused frame withdraws it with everything
-        # it queued, so a refused frame never lets a stream read a session (access.may_read decides).
-        provisional = not stream.subscribed
-        if provisional:
-            engine.subscribe(session_id, stream)
-            stream.subscribed = True
         try:
-            if is_start:
-                await commit(t, session_id, engine.start_session, env, identity)
-            elif mtype == "Progress":
-                await t.messages.ambient(env, identity)
-            else:
-                await commit(t, session_id, engine.process_message, env, identity)
+            provisional = await self._commit_provisionally(stream, is_start, env, identity)
         except MacpError as exc:
-            if provisional:
-                await _withdraw(t, stream, session_id)
             engine.metrics.send_done(env.mode, mtype, exc.code, None)
             return [_inline_or_end(exc, stream, engine.profile)]
         engine.metrics.send_done(env.mode, mtype, "", None)
-        if provisional:
-            session = engine.peek(session_id)
-            if session is None or not access.may_read(session, identity):
-                # accepted (a mode open to anyone) but not a reader: only its own envelope comes back
-                await _withdraw(t, stream, session_id)
-                return [core_pb2.StreamSessionResponse(envelope=env)]
-        return []   # success: the accepted envelope comes back through the session's channel
+        return await self._settle(stream, provisional, env, identity)
 
     async def _frame_current(self, stream: SessionStream, env, identity) -> list:
         """current.md §8.4: everything Send would answer in an Ack comes back inline with the Ack's
@@ -291,33 +271,49 @@ class StreamHandler:
             is_start = t.admission.admit_send(env, identity)
             if stream.bound is None:
                 stream.bound = session_id
-            provisional = not stream.subscribed   # kept only when accepted and readable (see _frame)
-            if provisional:
-                engine.subscribe(session_id, stream)
-                stream.subscribed = True
-            try:
-                if is_start:
-                    await commit(t, session_id, engine.start_session, env, identity)
-                elif mtype == "Progress":
-                    await t.messages.ambient(env, identity)
-                else:
-                    await commit(t, session_id, engine.process_message, env, identity)
-            except MacpError:
-                if provisional:
-                    await _withdraw(t, stream, session_id)
-                raise
+            provisional = await self._commit_provisionally(stream, is_start, env, identity)
         except MacpError as exc:
             engine.metrics.send_done(env.mode, mtype, exc.code, None)
             if exc.kind is Kind.StorageFailed:
                 raise _Terminate(grpc.StatusCode.INTERNAL, exc.status_message, "INTERNAL_ERROR") from None
             return [inline_macp_error(exc, stream.bound or session_id, env.message_id, profile)]
         engine.metrics.send_done(env.mode, mtype, "", None)
+        return await self._settle(stream, provisional, env, identity)
+
+    async def _commit_provisionally(self, stream: SessionStream, is_start: bool, env, identity) -> bool:
+        """Commit a frame's envelope with the stream subscribed to its session, provisionally: so the
+        accepted envelope itself comes back through the channel, in log order. A refused frame
+        withdraws the subscription with everything it queued (and re-raises), so a refused frame never
+        lets a stream read a session. Returns whether the subscription was made by this frame."""
+        t = self.t
+        engine = t.engine
+        session_id = env.session_id
+        provisional = not stream.subscribed
         if provisional:
-            session = engine.peek(session_id)
-            if session is None or not access.may_read(session, identity):
+            engine.subscribe(session_id, stream)
+            stream.subscribed = True
+        try:
+            if is_start:
+                await commit(t, session_id, engine.start_session, env, identity)
+            elif env.message_type == "Progress":
+                await t.messages.ambient(env, identity)
+            else:
+                await commit(t, session_id, engine.process_message, env, identity)
+        except MacpError:
+            if provisional:
                 await _withdraw(t, stream, session_id)
+            raise
+        return provisional
+
+    async def _settle(self, stream: SessionStream, provisional: bool, env, identity) -> list:
+        """After an accepted frame: a subscription this frame made is kept only if the caller may read
+        the session (access.may_read); otherwise (a mode open to anyone) only its own envelope comes back."""
+        if provisional:
+            session = self.t.engine.peek(env.session_id)
+            if session is None or not access.may_read(session, identity):
+                await _withdraw(self.t, stream, env.session_id)
                 return [core_pb2.StreamSessionResponse(envelope=env)]
-        return []
+        return []   # the accepted envelope comes back through the session's channel
 
     async def _subscribe(self, stream: SessionStream, request, identity) -> list:
         if request.HasField("envelope"):
