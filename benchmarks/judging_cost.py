@@ -20,11 +20,11 @@ import uuid
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.auth import Identity
+from macp_runtime.kernel.auth import Identity
 from macp_runtime.codegen import compiler
-from macp_runtime.engine import Engine
-from macp_runtime.modes import ModeRegistry
-from macp_runtime.policies import PolicyRegistry
+from macp_runtime.kernel.engine import Engine
+from macp_runtime.registries.modes import ModeRegistry
+from macp_runtime.registries.policies import PolicyRegistry
 from macp_runtime.storage import MemoryStore
 
 MODE = "macp.mode.decision.v1"

@@ -3,8 +3,8 @@
 The loader never executes anything and the compiler never reads files; `runtime/` only executes the
 compiled result. The spec format: `spec-schema.json` here, rendered as docs/spec-format.md.
 """
+from .compiler import CompiledMode, compile_spec, load_modes
 from .errors import SpecError
 from .loader import load_spec_file, load_spec_text
-from .compiler import CompiledMode, compile_spec, load_modes
 
 __all__ = ["SpecError", "load_spec_file", "load_spec_text", "CompiledMode", "compile_spec", "load_modes"]

@@ -21,17 +21,16 @@ from typing import Any, Callable
 
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
-from transitions import Machine
-
 from macp.v1 import core_pb2
+from transitions import Machine
 
 from ..specs import SPECS_DIR
 from ..specs.hooks.context import HookContext, Reject
 from ..specs.hooks.contract import describe
 from .errors import SpecError
 from .loader import LineDict, load_spec_file
-from .validate import SpecErrors, suggest, validate_spec
 from .model import BUILTIN_ROLES, Branch, Guard, PayloadBinding, Transition
+from .validate import SpecErrors, suggest, validate_spec
 
 HOOKS_PACKAGE = "macp_runtime.specs.hooks"
 

@@ -382,9 +382,9 @@ def _schema_type(node: dict, root: dict) -> str:
 
 def render_reference() -> dict[str, str]:
     """spec-format.md (every key), hooks.md (the catalogue), spec-schema.json (the published schema)."""
+    from ..specs.hooks.contract import OPERATORS, PARAM_TYPES, USES
     from .catalogue import GENERAL_MODULES, all_modules, catalogue, example
     from .validate import schema
-    from ..specs.hooks.contract import OPERATORS, PARAM_TYPES, USES
 
     root = schema()
     rows: list = []

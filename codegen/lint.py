@@ -12,8 +12,8 @@ import dataclasses
 import glob
 import os
 
-from .compiler import CompiledMode, compile_spec
 from ..specs import SPECS_DIR
+from .compiler import CompiledMode, compile_spec
 from .errors import SpecError
 from .loader import LineDict, load_spec_file
 

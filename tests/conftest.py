@@ -1,6 +1,6 @@
 """Shared fixtures: a real server process on a free loopback port, and small envelope helpers.
 
-Protocol profiles (runtime/profile.py): a server started here speaks `v0.4.0` unless told otherwise
+Protocol profiles (runtime/registries/profile.py): a server started here speaks `v0.4.0` unless told otherwise
 (`env={"MACP_PROTOCOL_PROFILE": "current"}`), because most modules assert the v0.4.0 answers. A
 module whose behaviour is shared by both profiles sets `PROFILES = ("v0.4.0", "current")` and its
 `runtime_server` tests then run once per profile; `PROFILE = "current"` runs a module under `current`

@@ -29,12 +29,12 @@ import grpc
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.auth import Identity
-from macp_runtime.engine import Engine
-from macp_runtime.errors import MacpError
-from macp_runtime.modes import ModeRegistry
-from macp_runtime.policies import PolicyRegistry
-from macp_runtime.checkpoints import read_snapshot
+from macp_runtime.kernel.auth import Identity
+from macp_runtime.kernel.engine import Engine
+from macp_runtime.vocabulary.errors import MacpError
+from macp_runtime.registries.modes import ModeRegistry
+from macp_runtime.registries.policies import PolicyRegistry
+from macp_runtime.kernel.checkpoints import read_snapshot
 from macp_runtime.storage import ENTRY_KIND_CHECKPOINT, ENTRY_KIND_INCOMING, FileLogStore, MemoryStore
 
 MODE = "macp.mode.decision.v1"

@@ -27,7 +27,7 @@ from macp.modes.task.v1 import task_pb2
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
 from conftest import ServerProcess, envelope, free_port, new_session_id, start_payload
-from macp_runtime import auth
+from macp_runtime.kernel import auth
 
 DECISION = "macp.mode.decision.v1"
 TASK = "macp.mode.task.v1"

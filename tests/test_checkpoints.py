@@ -1,7 +1,7 @@
 """Checkpoints and compaction, in-process: terminal and interval checkpoints restore exactly what a
 full replay rebuilds; compaction of the file log drops only what a checkpoint covers, survives a
 crash at each of its steps, and never disturbs a concurrent reader; damaged or unusable checkpoints
-fall back to the history still on disk. Spec: runtime.md §10.4, §10.5; runtime/checkpoints.py.
+fall back to the history still on disk. Spec: runtime.md §10.4, §10.5; runtime/kernel/checkpoints.py.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.auth import Identity
-from macp_runtime.engine import Engine
-from macp_runtime.modes import ModeRegistry
-from macp_runtime.policies import PolicyRegistry
-from macp_runtime.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED
+from macp_runtime.kernel.auth import Identity
+from macp_runtime.kernel.engine import Engine
+from macp_runtime.registries.modes import ModeRegistry
+from macp_runtime.registries.policies import PolicyRegistry
+from macp_runtime.vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED
 from macp_runtime.storage import ENTRY_KIND_CHECKPOINT, ENTRY_KIND_INCOMING, FileLogStore, MemoryStore
 from macp_runtime.storage import file_log
 from macp_runtime.storage.base import TERMINAL_CHECKPOINT, is_terminal_checkpoint
@@ -542,7 +542,7 @@ def _records(d: Path):
 
 
 def test_a_large_snapshot_is_stored_deflated_and_restores(tmp_path, monkeypatch):
-    from macp_runtime import checkpoints
+    from macp_runtime.kernel import checkpoints
     from macp_runtime.storage import SessionSnapshot
 
     monkeypatch.setattr(checkpoints, "DEFLATE_ABOVE", 100)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from macp.v1 import core_pb2
 
-from macp_runtime import commitment_hash as ch
+from macp_runtime.kernel import commitment_hash as ch
 
 # `macp_sdk` re-exports a function named like the submodule; importlib returns the module itself.
 sdk = importlib.import_module("macp_sdk.commitment_hash")

@@ -8,7 +8,7 @@ Each fixture is replayed twice:
 Fixtures with an inline `policy` register it first (RegisterPolicy over gRPC; `register` in-process).
 
 Two fixture sets (see ../shared/conformance/README.md), each the contract of one protocol profile
-(runtime/profile.py, ../shared/spec/current.md §17):
+(runtime/registries/profile.py, ../shared/spec/current.md §17):
   * `*.json`: the v0.4.0 reference's own set: every fixture must pass under `v0.4.0`;
   * `protocol-head/*.json`: the protocol repository's newer set: every fixture must pass under `current`.
 Each set is also replayed under the other profile, where the documented differences are strict
@@ -27,12 +27,12 @@ import pytest
 from google.protobuf import descriptor as pb_descriptor
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
-from macp_runtime.auth import Identity
-from macp_runtime.engine import Engine
-from macp_runtime.errors import MacpError
-from macp_runtime.modes import ModeRegistry
-from macp_runtime.policies import PolicyRegistry
-from macp_runtime import profile as profiles
+from macp_runtime.kernel.auth import Identity
+from macp_runtime.kernel.engine import Engine
+from macp_runtime.vocabulary.errors import MacpError
+from macp_runtime.registries.modes import ModeRegistry
+from macp_runtime.registries.policies import PolicyRegistry
+from macp_runtime.registries import profile as profiles
 from macp_runtime.storage import MemoryStore
 
 from conftest import ServerProcess, envelope, send

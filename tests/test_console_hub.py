@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from macp_runtime.auth import Identity
-from macp_runtime.console import events
-from macp_runtime.engine import Engine
-from macp_runtime.modes import ModeRegistry
-from macp_runtime.policies import PolicyRegistry
-from macp_runtime.console.facade import ConsoleView
+from macp_runtime.kernel.auth import Identity
+from macp_runtime.app.console import events
+from macp_runtime.kernel.engine import Engine
+from macp_runtime.registries.modes import ModeRegistry
+from macp_runtime.registries.policies import PolicyRegistry
+from macp_runtime.app.console.facade import ConsoleView
 from macp_runtime.storage import open_store
 
 from conftest import envelope, start_payload

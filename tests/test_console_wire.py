@@ -414,7 +414,7 @@ def test_jwt_bearer_through_the_same_resolvers_as_grpc(server_factory):
 
 
 def test_event_streams_per_identity_are_capped(dev):
-    from macp_runtime.console.events import MAX_CLIENTS_PER_IDENTITY
+    from macp_runtime.app.console.events import MAX_CLIENTS_PER_IDENTITY
 
     streams = [EventStream(dev.console_port, "alice") for _ in range(MAX_CLIENTS_PER_IDENTITY)]
     try:

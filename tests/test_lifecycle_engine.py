@@ -13,12 +13,12 @@ import pytest
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.auth import Identity
-from macp_runtime.engine import Engine
-from macp_runtime.errors import MacpError, StatusError
-from macp_runtime.modes import ModeRegistry
-from macp_runtime.policies import PolicyRegistry
-from macp_runtime.session import EXPIRED, OPEN, SUSPENDED
+from macp_runtime.kernel.auth import Identity
+from macp_runtime.kernel.engine import Engine
+from macp_runtime.vocabulary.errors import MacpError, StatusError
+from macp_runtime.registries.modes import ModeRegistry
+from macp_runtime.registries.policies import PolicyRegistry
+from macp_runtime.vocabulary.session import EXPIRED, OPEN, SUSPENDED
 from macp_runtime.storage import MemoryStore
 
 MODE = "macp.mode.decision.v1"

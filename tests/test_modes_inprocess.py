@@ -19,12 +19,12 @@ from macp.modes.quorum.v1 import quorum_pb2
 from macp.modes.task.v1 import task_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.auth import Identity
-from macp_runtime.engine import Engine
-from macp_runtime.errors import MacpError
-from macp_runtime.modes import ModeRegistry
-from macp_runtime.policies import PolicyRegistry
-from macp_runtime.session import OPEN, RESOLVED
+from macp_runtime.kernel.auth import Identity
+from macp_runtime.kernel.engine import Engine
+from macp_runtime.vocabulary.errors import MacpError
+from macp_runtime.registries.modes import ModeRegistry
+from macp_runtime.registries.policies import PolicyRegistry
+from macp_runtime.vocabulary.session import OPEN, RESOLVED
 from macp_runtime.specs.hooks import proposal as proposal_hooks
 from macp_runtime.specs.hooks.policy_rules import BoundPolicy
 from macp_runtime.storage import MemoryStore

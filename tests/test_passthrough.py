@@ -13,15 +13,15 @@ import uuid
 import pytest
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.auth import Identity
+from macp_runtime.kernel.auth import Identity
 from macp_runtime.codegen import compile_spec, load_modes, load_spec_text
 from macp_runtime.codegen.errors import SpecError
 from macp_runtime.codegen.passthrough import allowed_message_types, compile_passthrough
-from macp_runtime.engine import Engine
-from macp_runtime.errors import MacpError
-from macp_runtime.modes import ModeRegistry
-from macp_runtime.policies import PolicyRegistry
-from macp_runtime.session import OPEN, RESOLVED
+from macp_runtime.kernel.engine import Engine
+from macp_runtime.vocabulary.errors import MacpError
+from macp_runtime.registries.modes import ModeRegistry
+from macp_runtime.registries.policies import PolicyRegistry
+from macp_runtime.vocabulary.session import OPEN, RESOLVED
 from macp_runtime.storage import MemoryStore
 
 NOW = 1_700_000_000_000

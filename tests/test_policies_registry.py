@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from macp_runtime.broadcast import LAGGED
-from macp_runtime.errors import MacpError
-from macp_runtime.policies import PolicyRegistry, canonical_json, format_float, parse_rules_text
+from macp_runtime.vocabulary.broadcast import LAGGED
+from macp_runtime.vocabulary.errors import MacpError
+from macp_runtime.registries.policies import PolicyRegistry, canonical_json, format_float, parse_rules_text
 from macp_runtime.storage.base import StorageError
 from macp_runtime.storage.documents import FileDocuments, MemoryDocuments
 

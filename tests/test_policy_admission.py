@@ -12,8 +12,8 @@ from macp.v1 import policy_pb2
 from macp_sdk.policy import (QuorumThreshold, VotingRules, build_decision_policy, build_handoff_policy,
                              build_proposal_policy, build_quorum_policy, build_task_policy)
 
-from macp_runtime import profile as profiles
-from macp_runtime.policies import PolicyRegistry
+from macp_runtime.registries import profile as profiles
+from macp_runtime.registries.policies import PolicyRegistry
 
 from conftest import bearer
 

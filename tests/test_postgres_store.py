@@ -27,7 +27,7 @@ def store(pg_url):
 def test_migrations_are_versioned_applied_once_and_a_newer_schema_is_refused(pg_url):
     import psycopg
 
-    from macp_runtime.storage.pg_migrations import MIGRATIONS
+    from macp_runtime.storage.postgres.migrations import MIGRATIONS
     from macp_runtime.storage.postgres import PostgresStore
 
     for _ in range(2):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from macp_runtime.profile import differences_table
+from macp_runtime.registries.profile import differences_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- profile-table:begin -->\n", "<!-- profile-table:end -->"

@@ -174,11 +174,11 @@ def test_a_rejected_policy_file_aborts_startup_and_the_dry_run_reports_each_file
 
 def test_resume_record_banks_the_remaining_ttl_under_current():
     """In process: the SessionResume record's banked_ms per revision (current.md §7)."""
-    from macp_runtime import profile as profiles
-    from macp_runtime.auth import Identity
-    from macp_runtime.engine import Engine
-    from macp_runtime.modes import ModeRegistry
-    from macp_runtime.policies import PolicyRegistry
+    from macp_runtime.registries import profile as profiles
+    from macp_runtime.kernel.auth import Identity
+    from macp_runtime.kernel.engine import Engine
+    from macp_runtime.registries.modes import ModeRegistry
+    from macp_runtime.registries.policies import PolicyRegistry
     from macp_runtime.storage import MemoryStore
 
     for name, expected in (("current", 60_000 - 1_000), ("v0.4.0", 5_000)):

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from macp.v1 import core_pb2
 from macp_sdk.receipt import ReceiptSigner, build_receipt, trusted_keys_from_jwks, verify_receipt
 
-from macp_runtime import receipts
-from macp_runtime.receipt_keys import ReceiptKeys, SigningKey, parse_key_file, parse_seed_text, thumbprint
+from macp_runtime.kernel import receipts
+from macp_runtime.kernel.receipt_keys import ReceiptKeys, SigningKey, parse_key_file, parse_seed_text, thumbprint
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=16)
 

@@ -7,7 +7,8 @@ import inspect
 
 import pytest
 
-from macp_runtime import engine, receipt_keys, spec_archive
+from macp_runtime.kernel import engine, receipt_keys
+from macp_runtime.registries import spec_archive
 from macp_runtime.storage import FileLogStore, MemoryStore
 from macp_runtime.storage.base import DocumentStore, SharedStore, Store
 from macp_runtime.storage.documents import FileDocuments, MemoryDocuments

@@ -19,7 +19,7 @@ from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
 from conftest import bearer, commitment, envelope, new_session_id, send, start_payload
-from macp_runtime.checkpoints import read_snapshot
+from macp_runtime.kernel.checkpoints import read_snapshot
 from macp_runtime.storage import ENTRY_KIND_CHECKPOINT, LogRecord
 from macp_runtime.storage import file_log
 from macp_runtime.storage.base import is_terminal_checkpoint

@@ -56,7 +56,7 @@ def test_no_private_grpcio_name_is_used():
 
 
 def test_every_error_kind_has_a_grpc_status():
-    from macp_runtime.errors import Kind
+    from macp_runtime.vocabulary.errors import Kind
     from macp_runtime.transport.status import KIND_STATUS
 
     assert set(KIND_STATUS) == set(Kind)
@@ -64,6 +64,6 @@ def test_every_error_kind_has_a_grpc_status():
 
 @pytest.mark.parametrize("default", ["max_streams"])
 def test_stream_cap_default_holds_ten_thousand_agents(default):
-    from macp_runtime.config import Config
+    from macp_runtime.app.config import Config
 
     assert getattr(Config(), default) >= 10_000

@@ -438,7 +438,7 @@ def test_policy_ids_and_participant_names_are_capped(stub):
 
 
 def test_the_rate_limiter_memory_is_bounded():
-    from macp_runtime.ratelimit import SlidingWindow
+    from macp_runtime.kernel.ratelimit import SlidingWindow
     w = SlidingWindow(5, max_senders=1000)
     for i in range(50_000):
         assert w.allow(f"sender-{i}", now=float(i) / 1000)
@@ -483,7 +483,7 @@ def test_logged_values_are_escaped_and_rejections_rate_limited(server, stub):
     """Before: a message_id with a newline forged a `session created … initiator=admin` line, and every
     rejected message was logged. Now: escaped, capped, and rejection lines are rate-limited."""
     time.sleep(1.5)   # earlier tests used up the rejected-line budget; it refills at 20 lines/s
-    forged = "x\n2026-01-01 00:00:00,000 INFO macp_runtime.engine: session created session_id=s initiator=admin"
+    forged = "x\n2026-01-01 00:00:00,000 INFO macp_runtime.kernel.engine: session created session_id=s initiator=admin"
     env = envelope(DECISION, "Proposal", new_session_id(), "", b"", message_id=forged)
     assert not send(stub, env, ALICE).ok
     time.sleep(0.5)

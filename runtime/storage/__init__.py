@@ -51,7 +51,7 @@ def open_store(memory_only: bool, data_dir: str = DEFAULT_DATA_DIR, backend: str
     if memory_only:
         return MemoryStore()
     if backend == "postgres":
-        from .postgres import PostgresStore   # imports the driver only when it is used
+        from .postgres.store import PostgresStore  # imports the driver only when it is used
 
         return PostgresStore(database_url or "", **opts)
     return FileLogStore(data_dir, **opts)

@@ -7,11 +7,10 @@ embedded file log, PostgreSQL) is chosen once at start-up.
 """
 from __future__ import annotations
 
-import os
-
 import abc
 import contextlib
 import dataclasses
+import os
 from typing import Any, Callable, ContextManager, Iterator
 
 from .records_pb2 import ENTRY_KIND_CHECKPOINT, ENTRY_KIND_INCOMING, LogRecord

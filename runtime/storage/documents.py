@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-
-from .base import private_dirs, write_private_atomic
 import threading
 
-from .base import DocumentStore, StorageError
+from .base import DocumentStore, StorageError, private_dirs, write_private_atomic
 
 
 class MemoryDocuments(DocumentStore):

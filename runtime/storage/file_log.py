@@ -57,8 +57,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from typing import Iterator
 
-from .base import private_dirs
-from .base import RecoveryReport, StorageError, Store, is_terminal_checkpoint, starts_incarnation
+from .base import RecoveryReport, StorageError, Store, is_terminal_checkpoint, private_dirs, starts_incarnation
 from .records_pb2 import LogRecord
 
 log = logging.getLogger(__name__)

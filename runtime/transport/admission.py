@@ -9,12 +9,12 @@ import logging
 
 import grpc
 
-from .. import access
-from ..auth import Identity, Pending
-from ..errors import Kind, MacpError
-from ..logs import RateLimitedLog
-from ..ratelimit import SlidingWindow
+from ..kernel import access
+from ..kernel.auth import Identity, Pending
+from ..kernel.ratelimit import SlidingWindow
 from ..specs.hooks.common import is_blank
+from ..vocabulary.errors import Kind, MacpError
+from ..vocabulary.logs import RateLimitedLog
 from .status import abort
 
 PROTOCOL_VERSION = "1.0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..errors import Kind, MacpError
+from ..vocabulary.errors import Kind, MacpError
 
 
 async def commit(t, session_id: str, fn, *args):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
-from ..engine import Accepted, Outcome, record_envelope
-from ..errors import MacpError
-from ..session import Session, now_ms
+from ..kernel.engine import Accepted, Outcome, record_envelope
+from ..vocabulary.errors import MacpError
+from ..vocabulary.session import Session, now_ms
 
 _Event = core_pb2.SessionLifecycleEvent
 _Ack = envelope_pb2.Ack

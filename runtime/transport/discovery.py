@@ -5,7 +5,7 @@ import grpc
 from macp.v1 import core_pb2
 
 from .. import __version__
-from ..session import now_ms
+from ..vocabulary.session import now_ms
 from .admission import PROTOCOL_VERSION
 from .loop import Doorbell
 from .status import abort

@@ -6,8 +6,8 @@ import logging
 import grpc
 from macp.v1 import policy_pb2
 
-from ..session import now_ms
 from ..storage.base import StorageError
+from ..vocabulary.session import now_ms
 from .convert import policy_descriptor
 from .loop import Doorbell
 from .status import abort, on_lag
@@ -28,7 +28,7 @@ class PolicyHandler:
     async def _refuse_if_read_only(self, context) -> None:
         """current.md §11.3: before authentication."""
         if self.t.engine.policies.read_only:
-            from ..policy_admission import READ_ONLY
+            from ..registries.policy_admission import READ_ONLY
             await abort(context, self.t.engine.profile, grpc.StatusCode.FAILED_PRECONDITION, READ_ONLY,
                         "REGISTRY_READ_ONLY")
 

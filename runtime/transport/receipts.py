@@ -11,9 +11,9 @@ import logging
 import grpc
 from macp.v1 import core_pb2
 
-from ..errors import PERMISSION_DENIED, Kind, MacpError, StatusError
-from ..receipts import ReceiptUnavailable
-from ..whatif import WhatIfError, what_if
+from ..kernel.receipts import ReceiptUnavailable
+from ..kernel.whatif import WhatIfError, what_if
+from ..vocabulary.errors import PERMISSION_DENIED, Kind, MacpError, StatusError
 from .commit import _durable
 from .status import abort, abort_status_error, error_status
 

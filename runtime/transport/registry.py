@@ -7,8 +7,8 @@ import logging
 import grpc
 from macp.v1 import core_pb2
 
-from ..session import now_ms
 from ..storage.base import StorageError
+from ..vocabulary.session import now_ms
 from .loop import Doorbell
 from .status import abort, on_lag
 from .watch import watch

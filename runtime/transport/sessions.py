@@ -9,14 +9,21 @@ from time import perf_counter
 import grpc
 from macp.v1 import core_pb2
 
-from .. import access, paging
-from ..engine import Outcome
-from ..errors import Kind, MacpError, StatusError
-from ..session import OPEN
+from ..kernel import access, paging
+from ..kernel.engine import Outcome
 from ..specs.hooks.common import is_blank
-from .convert import (created_event, error_ack, lifecycle_response, ok_ack, send_response, session_metadata,
-                      signal_response)
+from ..vocabulary.errors import Kind, MacpError, StatusError
+from ..vocabulary.session import OPEN
 from .commit import commit
+from .convert import (
+    created_event,
+    error_ack,
+    lifecycle_response,
+    ok_ack,
+    send_response,
+    session_metadata,
+    signal_response,
+)
 from .loop import Doorbell
 from .status import abort, abort_status_error, on_lag
 from .watch import watch
@@ -221,7 +228,7 @@ class SessionHandler:
 def _once_created(synced: set):
     """A lifecycle renderer that drops a buffered CREATED of a session the initial sync already
     listed (once per id: a later incarnation of the id is announced again)."""
-    from ..engine import CREATED
+    from ..kernel.engine import CREATED
 
     def render(item):
         event, session, _ = item

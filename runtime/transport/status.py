@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from ..errors import NOT_FOUND, PERMISSION_DENIED, Kind, MacpError, StatusError
+from ..vocabulary.errors import NOT_FOUND, PERMISSION_DENIED, Kind, MacpError, StatusError
 
 _C = grpc.StatusCode
 

@@ -17,11 +17,11 @@ import logging
 import grpc
 from macp.v1 import core_pb2
 
-from .. import access
-from ..errors import Kind, MacpError, StatusError
-from ..session import OPEN
+from ..kernel import access
 from ..specs.hooks.common import is_blank
 from ..storage import ENTRY_KIND_INCOMING
+from ..vocabulary.errors import Kind, MacpError, StatusError
+from ..vocabulary.session import OPEN
 from .commit import commit
 from .convert import accepted_frame, history_frame, inline_error, inline_macp_error
 from .loop import Doorbell

@@ -5,7 +5,7 @@ A subscriber that falls behind ends OK under v0.4.0; under the current profile t
 RESOURCE_EXHAUSTED with macp-error-code STREAM_LAGGED (current.md §9.2): `lagged` raises that."""
 from __future__ import annotations
 
-from ..broadcast import CLOSED, LAGGED
+from ..vocabulary.broadcast import CLOSED, LAGGED
 from .loop import Doorbell
 
 

@@ -11,8 +11,19 @@ from __future__ import annotations
 import math
 
 from .context import HookContext
-from .policy_rules import (COMMITMENT_SCHEMA, HANDOFF_SCHEMA, PROPOSAL_SCHEMA, QUORUM_SCHEMA, TASK_SCHEMA, U32_MAX,
-                           BoundPolicy, RuleTypeError, format_quorum_value, parse_group, quorum_met)
+from .policy_rules import (
+    COMMITMENT_SCHEMA,
+    HANDOFF_SCHEMA,
+    PROPOSAL_SCHEMA,
+    QUORUM_SCHEMA,
+    TASK_SCHEMA,
+    U32_MAX,
+    BoundPolicy,
+    RuleTypeError,
+    format_quorum_value,
+    parse_group,
+    quorum_met,
+)
 
 SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 
 from .context import HookContext
-from .policy_rules import (QUORUM_SCHEMA, U32_MAX, format_quorum_value, quorum_met, rules_for,
-                           unsupported_schema_reasons)
+from .policy_rules import QUORUM_SCHEMA, U32_MAX, format_quorum_value, quorum_met, rules_for, unsupported_schema_reasons
 
 APPROVE = "Approve"
 REJECT = "Reject"

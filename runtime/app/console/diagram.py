@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 
-from ..codegen.docs import edges, terminal_phases
+from ...codegen.docs import edges, terminal_phases
 
 NODE_H = 40
 GAP = 96

@@ -24,7 +24,7 @@ import time
 
 from macp.v1 import core_pb2
 
-from .storage.postgres import LOG_CHANNEL, REGISTRY_CHANNEL
+from ..storage.postgres.store import LOG_CHANNEL, REGISTRY_CHANNEL
 
 log = logging.getLogger("macp_runtime.cluster")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 
-from .errors import Kind, MacpError
+from ..vocabulary.errors import Kind, MacpError
 
 DEFAULT_MAX_NAME_LENGTH = 256       # ids, modes, message types, senders, policy ids (characters)
 DEFAULT_MAX_REASON_BYTES = 4096     # Cancel/Suspend/Resume reasons (UTF-8 bytes)

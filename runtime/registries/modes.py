@@ -22,11 +22,11 @@ import threading
 from google.protobuf import json_format
 from macp.v1 import core_pb2
 
-from .broadcast import Broadcaster
-from .specs import SPECS_DIR
-from .codegen import CompiledMode, SpecError, compile_spec, load_modes, load_spec_text
-from .session import now_ms
-from .specs.hooks.common import is_blank
+from ..codegen import CompiledMode, SpecError, compile_spec, load_modes, load_spec_text
+from ..specs import SPECS_DIR
+from ..specs.hooks.common import is_blank
+from ..vocabulary.broadcast import Broadcaster
+from ..vocabulary.session import now_ms
 
 log = logging.getLogger("macp_runtime.modes")
 
@@ -317,7 +317,7 @@ def _promoted(compiled: CompiledMode, name: str) -> CompiledMode:
 
 def _compile_passthrough(name: str, descriptor) -> tuple[CompiledMode | None, str | None]:
     try:
-        from .codegen.passthrough import compile_passthrough
+        from ..codegen.passthrough import compile_passthrough
     except ImportError:
         return None, "passthrough extensions are not available in this build"
     try:

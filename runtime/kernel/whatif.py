@@ -17,15 +17,15 @@ import json
 
 from macp.v1 import policy_pb2
 
+from ..registries.policies import parse_json
+from ..registries.policy_admission import admission_error
+from ..specs.hooks.context import Reject
+from ..specs.hooks.policy_rules import BoundPolicy
+from ..storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL
+from ..storage.base import is_terminal_checkpoint
+from ..vocabulary.errors import Kind, MacpError
+from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session
 from .checkpoints import read_snapshot
-from .errors import Kind, MacpError
-from .policies import parse_json
-from .policy_admission import admission_error
-from .session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session
-from .specs.hooks.context import Reject
-from .specs.hooks.policy_rules import BoundPolicy
-from .storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL
-from .storage.base import is_terminal_checkpoint
 
 Kinds = policy_pb2.WhatIfEntryOutcome
 APPLIED, NOT_OPEN, REFUSED, NO_SESSION = Kinds.KIND_APPLIED, Kinds.KIND_NOT_OPEN, Kinds.KIND_REFUSED, Kinds.KIND_NO_SESSION

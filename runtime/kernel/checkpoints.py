@@ -27,11 +27,16 @@ import logging
 import threading
 import zlib
 
-from .session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, Session
-from .storage import ENTRY_KIND_CHECKPOINT, LogRecord, SessionSnapshot
-from .storage.base import CHECKPOINT, TERMINAL_CHECKPOINT
-from .storage.records_pb2 import (SESSION_STATUS_CANCELLED, SESSION_STATUS_EXPIRED, SESSION_STATUS_OPEN,
-                                  SESSION_STATUS_RESOLVED, SESSION_STATUS_SUSPENDED)
+from ..storage import ENTRY_KIND_CHECKPOINT, LogRecord, SessionSnapshot
+from ..storage.base import CHECKPOINT, TERMINAL_CHECKPOINT
+from ..storage.records_pb2 import (
+    SESSION_STATUS_CANCELLED,
+    SESSION_STATUS_EXPIRED,
+    SESSION_STATUS_OPEN,
+    SESSION_STATUS_RESOLVED,
+    SESSION_STATUS_SUSPENDED,
+)
+from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, Session
 
 log = logging.getLogger("macp_runtime.checkpoints")
 

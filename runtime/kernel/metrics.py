@@ -10,7 +10,7 @@ import time
 
 from macp.v1 import core_pb2
 
-from .session import OPEN
+from ..vocabulary.session import OPEN
 
 _Event = core_pb2.SessionLifecycleEvent
 EVENT_OUTCOMES = {

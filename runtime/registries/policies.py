@@ -21,13 +21,23 @@ import threading
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from .broadcast import Broadcaster, Subscription
-from .errors import Kind, MacpError
-from .specs.hooks.common import is_blank
-from .specs.hooks.policy_rules import (COMMITMENT_SCHEMA, DECISION_SCHEMA, DEFAULT_POLICY_ID, HANDOFF_SCHEMA,
-                                       PROPOSAL_SCHEMA, QUORUM_SCHEMA, TASK_SCHEMA, BoundPolicy, RuleTypeError,
-                                       default_policy, parse_group)
-from .storage.base import StorageError
+from ..specs.hooks.common import is_blank
+from ..specs.hooks.policy_rules import (
+    COMMITMENT_SCHEMA,
+    DECISION_SCHEMA,
+    DEFAULT_POLICY_ID,
+    HANDOFF_SCHEMA,
+    PROPOSAL_SCHEMA,
+    QUORUM_SCHEMA,
+    TASK_SCHEMA,
+    BoundPolicy,
+    RuleTypeError,
+    default_policy,
+    parse_group,
+)
+from ..storage.base import StorageError
+from ..vocabulary.broadcast import Broadcaster, Subscription
+from ..vocabulary.errors import Kind, MacpError
 
 DOCUMENT = "policies"
 DOCUMENT_FORMAT = 1

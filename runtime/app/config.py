@@ -8,7 +8,7 @@ import dataclasses
 import ipaddress
 import os
 
-from .redact import mask_url  # noqa: F401  (re-exported: the start-up log masks with it)
+from ..vocabulary.redact import mask_url  # noqa: F401  (re-exported: the start-up log masks with it)
 
 DEFAULT_BIND = "127.0.0.1:50051"
 
@@ -234,7 +234,7 @@ def _validate(cfg: Config) -> list[str]:
         problems.append("wal_segment_bytes must be a positive integer")
     if not 0 <= cfg.compact_dead_ratio <= 1:
         problems.append("compact_dead_ratio must be a number from 0 to 1")
-    from .profile import PROFILES
+    from ..registries.profile import PROFILES
     if cfg.protocol_profile not in PROFILES:
         problems.append(f"MACP_PROTOCOL_PROFILE must be one of {', '.join(sorted(PROFILES))}, "
                         f"got {cfg.protocol_profile!r}")

@@ -14,9 +14,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .specs.hooks.governance import DECISION_SCHEMA as DECISION_V2
-from .specs.hooks.policy_rules import (RuleTypeError, _check, _type_name, BoundPolicy, DEFAULT_POLICY_ID,
-                                       format_quorum_value, parse_group)
+from ..specs.hooks.governance import DECISION_SCHEMA as DECISION_V2
+from ..specs.hooks.policy_rules import (
+    DEFAULT_POLICY_ID,
+    BoundPolicy,
+    RuleTypeError,
+    _check,
+    _type_name,
+    format_quorum_value,
+    parse_group,
+)
 
 PREFIX = "INVALID_POLICY_DEFINITION: "
 SUPPORTED = (1, 2, 3)

@@ -27,8 +27,8 @@ import threading
 import uuid
 from typing import Iterator
 
-from .base import AppendConflict, DocumentStore, RecoveryReport, SharedStore, StorageError, starts_incarnation
-from .records_pb2 import ENTRY_KIND_INCOMING, LogRecord
+from ..base import AppendConflict, DocumentStore, RecoveryReport, SharedStore, StorageError, starts_incarnation
+from ..records_pb2 import ENTRY_KIND_INCOMING, LogRecord
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class PostgresStore(SharedStore):
     def open(self) -> RecoveryReport:
         psycopg, psycopg_pool = _import_driver()
         self._psycopg = psycopg
-        from .pg_migrations import MigrationError, migrate
+        from .migrations import MigrationError, migrate
 
         try:
             with psycopg.connect(self.url, autocommit=True, connect_timeout=int(self.connect_timeout)) as conn:

@@ -475,7 +475,7 @@ AUTH_PREFIX = "MACP_AUTH_"
 
 
 def mask_secret_url(url: str) -> str:
-    from .redact import mask_url
+    from ..vocabulary.redact import mask_url
     return mask_url(url)
 
 

@@ -134,8 +134,8 @@ def _docs_parser(sub) -> None:
 def _run_docs(args) -> int:
     import os
 
-    from .codegen import SpecError, load_modes
-    from .codegen.docs import GraphvizMissing, write
+    from ..codegen import SpecError, load_modes
+    from ..codegen.docs import GraphvizMissing, write
 
     try:
         modes = load_modes(args.specs_dirs)
@@ -174,8 +174,8 @@ def _check_parser(sub) -> None:
 
 
 def _run_check(args) -> int:
-    from .codegen.lint import lint_paths
-    from .specs import SPECS_DIR
+    from ..codegen.lint import lint_paths
+    from ..specs import SPECS_DIR
 
     findings, count = lint_paths(args.paths or [SPECS_DIR])
     for f in findings:
@@ -209,7 +209,7 @@ def _hooks_parser(sub) -> None:
 def _run_hooks(args) -> int:
     import json
 
-    from .codegen.catalogue import all_modules, catalogue, format_text
+    from ..codegen.catalogue import all_modules, catalogue, format_text
 
     known = all_modules()
     unknown = [m for m in args.modules if m not in known]
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="macp-runtime",
         description="MACP runtime for Python: coordination modes declared in YAML, one generic session engine.")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"macp-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -256,12 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             logging.getLogger("macp_runtime").error("configuration: %s", problem)
         return 1
-    from .logs import configure
+    from ..vocabulary.logs import configure
 
     configure(cfg.log_level, cfg.log_json)
     if cfg.policies_dry_run:
-        from .policy_admission import dry_run
-        from .profile import get
+        from ..registries.policy_admission import dry_run
+        from ..registries.profile import get
 
         return dry_run(cfg.policies_dir, get(cfg.protocol_profile))
     from .server import serve

@@ -87,7 +87,7 @@ def register(sub) -> None:
              "macp-runtime policies list --mode macp.mode.decision.v1", policies_list)
     p.add_argument("--mode", default="", help="only policies for this mode (and `*` policies)")
 
-    from .receipt_cli import register as register_receipts   # sessions receipt, policies what-if, receipts
+    from .receipt_cli import register as register_receipts  # sessions receipt, policies what-if, receipts
 
     register_receipts(sub, ssub, psub)
 
@@ -172,7 +172,7 @@ class _Decoder:
             return json_format.MessageToDict(core_pb2.SessionStartPayload.FromString(env.payload),
                                              preserving_proto_field_name=True)
         if self._modes is None:
-            from .codegen import load_modes
+            from ..codegen import load_modes
 
             try:
                 self._modes = {m.name: m for m in load_modes(self._dirs)}

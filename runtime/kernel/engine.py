@@ -22,25 +22,24 @@ from typing import Callable, NamedTuple
 
 from macp.v1 import core_pb2, envelope_pb2
 
+from ..registries import profile as profiles
+from ..registries.modes import ModeRegistry
+from ..registries.policies import PolicyRegistry
+from ..registries.profile import Profile
+from ..specs.hooks.common import is_blank
+from ..specs.hooks.context import Reject
+from ..specs.hooks.policy_rules import BoundPolicy, commitment_authority_allows
+from ..storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, LogRecord, StorageError, Store
+from ..storage.base import AppendConflict, is_terminal_checkpoint
+from ..storage.records_pb2 import ENTRY_KIND_CHECKPOINT
+from ..vocabulary.broadcast import Broadcaster
+from ..vocabulary.errors import NOT_FOUND, PERMISSION_DENIED, Kind, MacpError, StatusError
+from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session, now_ms
 from . import access
 from .auth import Identity
-from .broadcast import Broadcaster
-from .checkpoints import Checkpointer, checkpoint_record, restore as restore_checkpoint
-from .errors import NOT_FOUND, PERMISSION_DENIED, Kind, MacpError, StatusError
+from .checkpoints import Checkpointer, checkpoint_record
+from .checkpoints import restore as restore_checkpoint
 from .metrics import NO_METRICS
-from .modes import ModeRegistry
-from .policies import PolicyRegistry
-from . import profile as profiles
-from .profile import Profile
-from .session import (CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session,
-                      now_ms)
-from .specs.hooks.common import is_blank
-from .specs.hooks.context import Reject
-from .specs.hooks.policy_rules import BoundPolicy, commitment_authority_allows
-from .storage import (ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, LogRecord, StorageError, Store)
-from .storage.base import AppendConflict, is_terminal_checkpoint
-from .storage.records_pb2 import ENTRY_KIND_CHECKPOINT
-
 
 log = logging.getLogger("macp_runtime.engine")
 

@@ -16,9 +16,9 @@ import json
 import logging
 import threading
 
-from ..broadcast import CLOSED, LAGGED
-from ..session import now_ms
-from ..storage import ENTRY_KIND_INCOMING
+from ...storage import ENTRY_KIND_INCOMING
+from ...vocabulary.broadcast import CLOSED, LAGGED
+from ...vocabulary.session import now_ms
 from .facade import EVENT_NAMES, STATE_NAMES, entry_dict, summary
 
 log = logging.getLogger("macp_runtime.console")

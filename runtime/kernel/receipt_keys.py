@@ -35,7 +35,7 @@ import time
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .storage.base import StorageError, write_private_atomic
+from ..storage.base import StorageError, write_private_atomic
 
 log = logging.getLogger("macp_runtime.receipt_keys")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .codegen import CompiledMode, compile_spec, load_spec_text
+from ..codegen import CompiledMode, compile_spec, load_spec_text
 
 log = logging.getLogger("macp_runtime.spec_archive")
 

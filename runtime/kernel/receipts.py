@@ -18,11 +18,11 @@ import datetime
 import json
 from typing import Any
 
-from . import commitment_hash as ch
-from .receipt_keys import ReceiptKeys, b64url
 from macp.v1 import envelope_pb2
 
-from .session import RESOLVED, Session
+from ..vocabulary.session import RESOLVED, Session
+from . import commitment_hash as ch
+from .receipt_keys import ReceiptKeys, b64url
 
 RECEIPT_FORMAT = "macp-receipt/1"
 IMPLEMENTATION = "macp-runtime"

@@ -15,10 +15,10 @@ import threading
 from google.protobuf import json_format
 from macp.v1 import core_pb2, envelope_pb2
 
-from ..auth import Identity
-from ..session import OPEN, RESOLVED, SUSPENDED, Session
-from ..specs.hooks.context import Reject
-from ..storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, StorageError
+from ...kernel.auth import Identity
+from ...specs.hooks.context import Reject
+from ...storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, StorageError
+from ...vocabulary.session import OPEN, RESOLVED, SUSPENDED, Session
 from . import diagram
 
 STATE_NAMES = {v.number: v.name.replace("SESSION_STATE_", "") for v in envelope_pb2.SessionState.DESCRIPTOR.values}
@@ -298,7 +298,7 @@ def mode_docs_html(mode, diagram_svg: str) -> str:
     """The page `macp-runtime docs` writes for this mode, as HTML, its Mermaid block replaced by the SVG."""
     from markdown_it import MarkdownIt
 
-    from ..codegen.docs import page_name, render
+    from ...codegen.docs import page_name, render
 
     try:
         text = render([mode])[page_name(mode)]

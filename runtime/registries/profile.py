@@ -23,9 +23,8 @@ import os
 
 from macp.v1 import core_pb2, policy_pb2
 
-from .ids import valid_session_id, valid_session_id_current
-
-from .specs import SPECS_DIR
+from ..specs import SPECS_DIR
+from ..vocabulary.ids import valid_session_id, valid_session_id_current
 
 DEFAULT_SUSPEND_CAP_MS = 604_800_000    # 7 days (RT §5.7; current.md §5.3 when max_suspend_ms is 0)
 ERROR_CODE_TRAILER = "macp-error-code"
@@ -40,7 +39,7 @@ def synthesizer(semantics_rev: int, mode: str):
     """The hook that yields the envelopes the runtime itself accepts into a session of this revision
     and mode before a trigger is judged (current.md §12.4: implicit handoff accepts), or None."""
     if semantics_rev >= 4 and mode == "macp.mode.handoff.v1":
-        from .specs.hooks.rules4 import due_implicit_accepts
+        from ..specs.hooks.rules4 import due_implicit_accepts
 
         return due_implicit_accepts
     return None

@@ -19,8 +19,8 @@ import sys
 import grpc
 from macp.v1 import core_pb2, policy_pb2
 
+from ..kernel.receipts import verify_file_text
 from . import opcli
-from .receipts import verify_file_text
 
 _VERDICT_EXIT = {"attested": 0}
 
@@ -137,7 +137,7 @@ def _descriptor_from_file(path: str) -> policy_pb2.PolicyDescriptor:
 
 
 def policies_what_if(args) -> int:
-    from .whatif import describe
+    from ..kernel.whatif import describe
 
     channel, stub = opcli._stub(args)
     try:
@@ -220,12 +220,12 @@ def receipts_verify(args) -> int:
 
 
 def receipts_rotate_key(args) -> int:
-    from .receipt_keys import DocumentKeySet, FileKeySet, rotate
-    from .storage.base import StorageError
+    from ..kernel.receipt_keys import DocumentKeySet, FileKeySet, rotate
+    from ..storage.base import StorageError
 
     try:
         if args.database_url:
-            from .storage import open_store
+            from ..storage import open_store
 
             store = open_store(False, backend="postgres", database_url=args.database_url, pool_size=2)
             store.open()
