@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Long kill -9 soak: many iterations of load -> SIGKILL at a random moment -> offline log check ->
-restart -> state and dedup check (see tests/crashkit.py for exactly what is verified).
+restart -> state and dedup check (see tests/support/crashkit.py for exactly what is verified).
 
   python benchmarks/crash_soak.py --iterations 100 --clients 6
 """
@@ -13,10 +13,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.dirname(HERE))   # the test helpers: package tests.support
 
-from conftest import ServerProcess  # noqa: E402
-from crashkit import crash_iterations  # noqa: E402
+from tests.support import ServerProcess  # noqa: E402
+from tests.support.crashkit import crash_iterations  # noqa: E402
 
 
 def main() -> int:

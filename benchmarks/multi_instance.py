@@ -3,7 +3,7 @@
 
     python benchmarks/multi_instance.py [--duration 10] [--workload sessions] [--database-url URL]
 
-Without --database-url a throw-away PostgreSQL server is started (tests/pgkit.py: initdb in a temporary
+Without --database-url a throw-away PostgreSQL server is started (tests/support/pgkit.py: initdb in a temporary
 directory, a free port, as an unprivileged user when run as root; default settings, fsync on).
 Each configuration gets a fresh database and fresh instances, then ../shared/bench/loadgen.py runs:
 
@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(os.path.dirname(ROOT), "shared", "bench", "loadgen.py")
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)   # the test helpers: package tests.support
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -71,7 +71,7 @@ def transactions(url: str) -> int:
 def run(config: str, instances: int, base_url: str, args, tmp: str) -> dict:
     import psycopg
 
-    from conftest import ServerProcess
+    from tests.support import ServerProcess
 
     name = f"bench_{config}_{int(time.time())}"
     with psycopg.connect(base_url, autocommit=True) as conn:
@@ -139,7 +139,7 @@ def main() -> int:
     server = None
     base = args.database_url
     if base is None:
-        import pgkit
+        from tests.support import pgkit
 
         server = pgkit.PostgresServer(pgkit.find_bin_dir()).start()
         base = server.url()

@@ -252,7 +252,7 @@ class ModeRegistry:
                 return f"mode '{name}' is already standards-track", ""
             final = new_name if new_name and new_name != name else name
             # current profile (the default): never into the reserved namespace; the v0.4.0 profile keeps
-            # the reference runtime's answer (tests/test_profile_registry_wire.py)
+            # the reference runtime's answer (tests/wire/test_profile_registry_wire.py)
             if self.commitment_only and final != name and final.startswith("macp.mode."):
                 return f"cannot promote '{name}' into the reserved macp.mode.* namespace", ""
             if len(final) > MAX_MODE_NAME:

@@ -230,7 +230,7 @@ def for_rev(semantics_rev: int) -> Profile:
     return current() if semantics_rev >= 4 else v040()
 
 
-# --- what differs, as a table (README "Protocol profiles"; tests/test_profile_docs.py keeps it true) ----
+# --- what differs, as a table (README "Protocol profiles"; tests/unit/test_profile_docs.py keeps it true) ----
 
 def _guard_text(g: dict) -> str:
     return f"`{g.get('check')}` ({g.get('reject')}): {g.get('why', '')}".rstrip(": ")

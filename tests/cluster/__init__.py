@@ -1,0 +1,1 @@
+"""Several instances over one PostgreSQL database, and the PostgreSQL store itself."""

@@ -1,0 +1,1 @@
+"""The engine in-process (no gRPC): judging, lifecycle, checkpoints, receipts."""

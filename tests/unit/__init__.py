@@ -1,0 +1,1 @@
+"""Vocabulary, mode specs and hooks, the spec compiler, registries and storage, each in isolation."""
