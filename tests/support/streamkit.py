@@ -2,7 +2,9 @@
 
 `Duplex` drives one StreamSession: frames go in through a queue (the request side stays open until
 `close()`), responses are pumped by a thread into another queue so a test can wait with a timeout.
-`Collector` does the same for a server stream (WatchSessions, WatchSignals, ...).
+`Collector` does the same for a server stream (WatchSessions, WatchSignals, ...). Below them, the
+Decision-session helpers the StreamSession tests of both profiles share (`start`, `proposal`, `ids`,
+`inline`).
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import threading
 import time
 
 import grpc
-from macp.v1 import core_pb2
+from macp.modes.decision.v1 import decision_pb2
+from macp.v1 import core_pb2, envelope_pb2
 
-from tests.support import bearer
+from tests.support import bearer, envelope, new_session_id, send, start_payload
 
 END = object()
 
@@ -112,3 +115,33 @@ class Duplex(_Pump):
 
 class Collector(_Pump):
     pass
+
+
+# --- a Decision session to stream ------------------------------------------------------------------
+
+DECISION = "macp.mode.decision.v1"
+
+
+def start(stub, participants=("alice", "bob"), sender="coord", **fields) -> str:
+    """A new Decision session started by `sender`; its id."""
+    sid = new_session_id()
+    ack = send(stub, envelope(DECISION, "SessionStart", sid, sender, start_payload(participants, **fields)))
+    assert ack.ok, ack
+    return sid
+
+
+def proposal(sid, pid, sender="alice", **fields):
+    return envelope(DECISION, "Proposal", sid, sender, decision_pb2.ProposalPayload(proposal_id=pid, option="o"),
+                    **fields)
+
+
+def ids(responses) -> list[str]:
+    """The message ids of stream responses that must all be envelopes."""
+    assert all(r.HasField("envelope") for r in responses), responses
+    return [r.envelope.message_id for r in responses]
+
+
+def inline(resp) -> envelope_pb2.MACPError:
+    """The inline error frame a response must be."""
+    assert resp.HasField("error"), resp
+    return resp.error

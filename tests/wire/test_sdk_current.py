@@ -12,8 +12,8 @@ import uuid
 
 import grpc
 import pytest
-from macp.v1 import core_pb2, envelope_pb2
-from macp_sdk import (AsyncDecisionSession, AsyncMacpClient, AuthConfig, DecisionSession, HandoffSession, MacpClient,
+from macp.v1 import core_pb2
+from macp_sdk import (AsyncDecisionSession, AsyncMacpClient, AuthConfig, DecisionSession, HandoffSession,
                       ProposalSession, QuorumSession, TaskSession, build_contribute_payload, build_envelope,
                       build_session_start_payload, macp_error_code)
 from macp_sdk.constants import MODE_MULTI_ROUND
@@ -21,35 +21,15 @@ from macp_sdk.errors import MacpAckError, MacpSdkError
 from macp_sdk.policy import (CommitmentRules, ObjectionHandlingRules, QuorumThreshold, TaskAssignmentRules,
                              VotingRules, build_decision_policy, build_quorum_policy, build_task_policy)
 
-from tests.support import bearer
+from tests.support.sdk import client  # noqa: F401  (a fixture)
+from tests.support.sdk import ADMIN, ALICE, BOB, CAROL, COORD, EXPIRED, OPEN, RESOLVED, metadata_reader
 
 PROFILE = "current"
-
-OPEN = envelope_pb2.SESSION_STATE_OPEN
-RESOLVED = envelope_pb2.SESSION_STATE_RESOLVED
-EXPIRED = envelope_pb2.SESSION_STATE_EXPIRED
-
-COORD = AuthConfig.for_dev_agent("coordinator")
-ALICE = AuthConfig.for_dev_agent("alice")
-BOB = AuthConfig.for_dev_agent("bob")
-CAROL = AuthConfig.for_dev_agent("carol")
-ADMIN = AuthConfig.for_dev_agent("admin")
-
-
-@pytest.fixture(scope="module")
-def client(runtime_server):
-    with MacpClient(target=runtime_server.target, allow_insecure=True, auth=COORD, default_timeout=10) as c:
-        yield c
 
 
 @pytest.fixture
 def state_of(runtime_server):
-    stub = runtime_server.stub()
-
-    def read(session_id: str, who: str = "coordinator") -> core_pb2.SessionMetadata:
-        return stub.GetSession(core_pb2.GetSessionRequest(session_id=session_id), metadata=bearer(who)).metadata
-
-    return read
+    return metadata_reader(runtime_server, "coordinator")
 
 
 def registered(client, descriptor) -> str:

@@ -6,38 +6,19 @@ GetSession.
 from __future__ import annotations
 
 import pytest
-from macp.v1 import core_pb2, envelope_pb2
-from macp_sdk import AuthConfig, DecisionSession, MacpClient
+from macp_sdk import DecisionSession
 from macp_sdk.errors import MacpAckError, MacpSessionError
 
-from tests.support import bearer
+from tests.support.sdk import client  # noqa: F401  (a fixture)
+from tests.support.sdk import ALICE, BOB, CANCELLED, COORD, OPEN, RESOLVED, metadata_reader
 
 # Shared by both protocol profiles: every test runs against a v0.4.0 and a current server.
 PROFILES = ("v0.4.0", "current")
 
-OPEN = envelope_pb2.SESSION_STATE_OPEN
-RESOLVED = envelope_pb2.SESSION_STATE_RESOLVED
-CANCELLED = envelope_pb2.SESSION_STATE_CANCELLED
-
-COORD = AuthConfig.for_dev_agent("coordinator")
-ALICE = AuthConfig.for_dev_agent("alice")
-BOB = AuthConfig.for_dev_agent("bob")
-
-
-@pytest.fixture(scope="module")
-def client(runtime_server):
-    with MacpClient(target=runtime_server.target, allow_insecure=True, auth=COORD, default_timeout=10) as c:
-        yield c
-
 
 @pytest.fixture
 def raw_metadata(runtime_server):
-    stub = runtime_server.stub()
-
-    def read(session_id: str, who: str = "alice") -> core_pb2.SessionMetadata:
-        return stub.GetSession(core_pb2.GetSessionRequest(session_id=session_id), metadata=bearer(who)).metadata
-
-    return read
+    return metadata_reader(runtime_server, "alice")
 
 
 def started(client, participants=("coordinator", "alice", "bob")) -> DecisionSession:

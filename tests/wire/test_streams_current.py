@@ -10,10 +10,10 @@ import json
 import grpc
 import pytest
 from macp.modes.decision.v1 import decision_pb2
-from macp.v1 import core_pb2, envelope_pb2, policy_pb2
+from macp.v1 import core_pb2, policy_pb2
 
 from tests.support import bearer, commitment, display_name, envelope, new_session_id, send, start_payload
-from tests.support.streamkit import Duplex
+from tests.support.streamkit import Duplex, ids, inline, proposal, start
 
 PROFILE = "current"
 MODE = "macp.mode.decision.v1"
@@ -23,27 +23,6 @@ IA = grpc.StatusCode.INVALID_ARGUMENT
 @pytest.fixture(scope="module")
 def stub(runtime_server):
     return runtime_server.stub()
-
-
-def start(stub, participants=("alice", "bob"), sender="coord", **fields) -> str:
-    sid = new_session_id()
-    assert send(stub, envelope(MODE, "SessionStart", sid, sender, start_payload(participants, **fields))).ok
-    return sid
-
-
-def proposal(sid, pid, sender="alice", **fields):
-    return envelope(MODE, "Proposal", sid, sender, decision_pb2.ProposalPayload(proposal_id=pid, option="o"),
-                    **fields)
-
-
-def ids(responses) -> list[str]:
-    assert all(r.HasField("envelope") for r in responses), responses
-    return [r.envelope.message_id for r in responses]
-
-
-def inline(resp) -> envelope_pb2.MACPError:
-    assert resp.HasField("error"), resp
-    return resp.error
 
 
 def test_after_sequence_counts_accepted_envelopes_only_and_is_exclusive(stub):

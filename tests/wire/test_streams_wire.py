@@ -19,7 +19,7 @@ from tests.support import bearer, commitment, envelope, new_session_id, send, st
 
 # v0.4.0 semantics (raw-index after_sequence, terminating pre-checks, variant-named inline codes);
 # the current line is tested in tests/wire/test_streams_current.py.
-from tests.support.streamkit import Collector, Duplex
+from tests.support.streamkit import Collector, Duplex, ids, inline, proposal, start
 
 MODE = "macp.mode.decision.v1"
 OPEN = envelope_pb2.SESSION_STATE_OPEN
@@ -30,28 +30,6 @@ IA = grpc.StatusCode.INVALID_ARGUMENT
 @pytest.fixture(scope="module")
 def stub(runtime_server):
     return runtime_server.stub()
-
-
-def start(stub, participants=("alice", "bob"), sender="coord", **fields) -> str:
-    sid = new_session_id()
-    ack = send(stub, envelope(MODE, "SessionStart", sid, sender, start_payload(participants, **fields)))
-    assert ack.ok, ack
-    return sid
-
-
-def proposal(sid, pid, sender="alice", **fields):
-    return envelope(MODE, "Proposal", sid, sender, decision_pb2.ProposalPayload(proposal_id=pid, option="o"),
-                    **fields)
-
-
-def ids(responses) -> list[str]:
-    assert all(r.HasField("envelope") for r in responses), responses
-    return [r.envelope.message_id for r in responses]
-
-
-def inline(resp) -> envelope_pb2.MACPError:
-    assert resp.HasField("error"), resp
-    return resp.error
 
 
 # --- passive subscribers ---------------------------------------------------------------------------
