@@ -18,7 +18,7 @@ from macp_sdk import AuthConfig, MacpClient
 from macp_sdk.receipt import trusted_keys_from_jwks, verify_receipt
 
 from tests.support import ROOT, ServerProcess
-from test_receipts_wire import ATTESTED, FLOWS
+from tests.wire.test_receipts_wire import ATTESTED, FLOWS
 
 pytestmark = pytest.mark.usefixtures("postgres_server")
 

@@ -6,7 +6,7 @@ import threading
 
 from macp.modes.decision.v1 import decision_pb2
 
-from test_checkpoints import COORD, engine_on, env, open_store, proposal, start
+from tests.kernel.test_checkpoints import COORD, engine_on, env, open_store, proposal, start
 from macp_runtime.storage.records_pb2 import ENTRY_KIND_INCOMING, LogRecord
 
 
