@@ -2,124 +2,93 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import textwrap
 
-from .config import ConfigError, from_env
+from . import options
+from .config import Config, ConfigError, from_env
+
+HELP_WIDTH = 100   # columns of --help's descriptions
+
+
+def _command(sub, name: str, help_text: str, description: str, examples: list[str], more: str = ""):
+    """A subcommand whose --help shows its description (paragraphs wrapped), examples and `more` as written."""
+    text = "\n\n".join(textwrap.fill(" ".join(par.split()), HELP_WIDTH) for par in description.split("\n\n"))
+    epilog = "examples:\n" + "".join(f"  {line}\n" for line in examples) + (f"\n{more}" if more else "")
+    return sub.add_parser(name, help=help_text, description=text, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser(
-        "serve", help="run the MACP gRPC server",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run the MACP runtime daemon (service macp.v1.MACPRuntimeService).\n\n"
-                    "Every flag has an environment variable of the same meaning; a flag wins over its variable.",
-        epilog="examples:\n"
-               "  MACP_ALLOW_INSECURE=1 macp-runtime serve                 # dev: plaintext, dev auth, .macp-data\n"
-               "  macp-runtime serve --allow-insecure --memory-only        # nothing written to disk\n"
-               "  macp-runtime serve --tls-cert cert.pem --tls-key key.pem --bind 0.0.0.0:50051\n"
-               "  macp-runtime serve --allow-insecure --storage-backend postgres "
-               "--database-url postgresql://macp@127.0.0.1/macp\n")
-    p.add_argument("--bind", dest="bind_addr", metavar="IP:PORT",
-                   help="listen address, an IP literal and port (MACP_BIND_ADDR, default 127.0.0.1:50051)")
-    p.add_argument("--allow-insecure", dest="allow_insecure", action="store_const", const=True,
-                   help="serve plaintext when no TLS cert/key is given (MACP_ALLOW_INSECURE=1)")
-    p.add_argument("--tls-cert", dest="tls_cert_path", metavar="PEM", help="server certificate (MACP_TLS_CERT_PATH)")
-    p.add_argument("--tls-key", dest="tls_key_path", metavar="PEM", help="server private key (MACP_TLS_KEY_PATH)")
-    p.add_argument("--data-dir", dest="data_dir", metavar="DIR",
-                   help="where the durable log lives (MACP_DATA_DIR, default .macp-data)")
-    p.add_argument("--memory-only", dest="memory_only", action="store_const", const=True,
-                   help="keep everything in memory; nothing survives a restart (MACP_MEMORY_ONLY=1)")
-    p.add_argument("--storage-backend", dest="storage_backend", choices=["file", "postgres"],
-                   help="where sessions and registries live: the embedded log (file) or a PostgreSQL "
-                        "database shared by several instances (MACP_STORAGE_BACKEND, default file)")
-    p.add_argument("--database-url", dest="database_url", metavar="URL",
-                   help="PostgreSQL database of the postgres backend, e.g. postgresql://macp@127.0.0.1/macp "
-                        "(MACP_DATABASE_URL)")
-    p.add_argument("--database-pool-size", dest="database_pool_size", type=int, metavar="N",
-                   help="PostgreSQL connections per instance (MACP_DATABASE_POOL_SIZE, default 10)")
-    p.add_argument("--strict-recovery", dest="strict_recovery", action="store_const", const=True,
-                   help="refuse to start when any stored session fails to replay (MACP_STRICT_RECOVERY=1)")
-    p.add_argument("--checkpoint-interval", dest="checkpoint_interval", type=int, metavar="N",
-                   help="checkpoint an open session every N log entries so a restart replays less "
-                        "(MACP_CHECKPOINT_INTERVAL, default 0 = only terminal checkpoints)")
-    p.add_argument("--wal-segment-bytes", dest="wal_segment_bytes", type=int, metavar="N",
-                   help="file backend: start a new log segment once one reaches N bytes "
-                        "(MACP_WAL_SEGMENT_BYTES, default 67108864)")
-    p.add_argument("--compact-dead-ratio", dest="compact_dead_ratio", type=float, metavar="R",
-                   help="file backend: rewrite a sealed log segment once this share of its records is "
-                        "covered by later checkpoints (MACP_COMPACT_DEAD_RATIO, default 0.5; 0 = never)")
-    p.add_argument("--history-retention", dest="history_retention_secs", type=float, metavar="SECS",
-                   help="file backend: keep a terminal session's whole history this long after it ended, so "
-                        "WhatIfReplay can replay it (MACP_HISTORY_RETENTION_SECS, default 0: compaction may drop "
-                        "it; MACP_COMPACT_DEAD_RATIO=0 keeps every history)")
-    p.add_argument("--max-payload-bytes", dest="max_payload_bytes", type=int, metavar="N",
-                   help="largest envelope payload accepted (MACP_MAX_PAYLOAD_BYTES, default 1048576)")
-    p.add_argument("--session-start-limit", dest="session_start_limit_per_minute", type=int, metavar="N",
-                   help="SessionStarts per sender per minute (MACP_SESSION_START_LIMIT_PER_MINUTE, default 60)")
-    p.add_argument("--message-limit", dest="message_limit_per_minute", type=int, metavar="N",
-                   help="other messages per sender per minute (MACP_MESSAGE_LIMIT_PER_MINUTE, default 600)")
-    p.add_argument("--specs-dir", dest="specs_dirs", action="append", metavar="DIR",
-                   help="extra directory of mode specs (*.yaml), repeatable (MACP_SPECS_DIR, ':'-separated)")
-    p.add_argument("--workers", dest="workers", type=int, metavar="N",
-                   help="threads for kernel calls that wait on storage (durable appends, PostgreSQL); "
-                        "the RPCs themselves run on one asyncio loop (MACP_WORKERS, default 64)")
-    p.add_argument("--max-streams", dest="max_streams", type=int, metavar="N",
-                   help="open streams (StreamSession and Watch*) at most; a stream is a coroutine, "
-                        "not a thread (MACP_MAX_STREAMS, default 10000)")
-    p.add_argument("--max-streams-per-identity", dest="max_streams_per_identity", type=int, metavar="N",
-                   help="open streams one identity may hold (MACP_MAX_STREAMS_PER_IDENTITY, default 0 = half "
-                        "of --max-streams)")
-    p.add_argument("--dev-mode-allow-remote", dest="dev_mode_allow_remote", action="store_const", const=True,
-                   help="allow dev-mode auth (no MACP_AUTH_* set) on a non-loopback bind address "
-                        "(MACP_DEV_MODE_ALLOW_REMOTE=1); anyone who can connect may then act as anyone")
-    p.add_argument("--max-name-length", dest="max_name_length", type=int, metavar="N",
-                   help="longest session id, message id, mode, message type, sender, policy or mode id accepted "
-                        "(MACP_MAX_NAME_LENGTH, default 256 characters)")
-    p.add_argument("--max-reason-bytes", dest="max_reason_bytes", type=int, metavar="N",
-                   help="longest Cancel/Suspend/Resume reason accepted (MACP_MAX_REASON_BYTES, default 4096)")
-    p.add_argument("--clock-skew-ms", dest="clock_skew_ms", type=int, metavar="MS",
-                   help="how far an envelope timestamp may move a session deadline away from the server's "
-                        "receive time (MACP_CLOCK_SKEW_MS, default 30000)")
-    p.add_argument("--cleanup-interval", dest="cleanup_interval_secs", type=float, metavar="SECS",
-                   help="period of the TTL sweep and eviction pass (MACP_CLEANUP_INTERVAL_SECS, default 60)")
-    p.add_argument("--session-retention", dest="session_retention_secs", type=float, metavar="SECS",
-                   help="resolved/expired sessions older than this (from their start) leave memory "
-                        "(MACP_SESSION_RETENTION_SECS, default 3600)")
-    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"],
-                   help="log verbosity (MACP_LOG_LEVEL, default info)")
-    p.add_argument("--reflection", dest="reflection", action=argparse.BooleanOptionalAction, default=None,
-                   help="gRPC server reflection for grpcurl (MACP_REFLECTION=1/0; default: on in dev-mode auth only)")
-    p.add_argument("--metrics-addr", dest="metrics_addr", metavar="IP:PORT",
-                   help="serve Prometheus metrics over HTTP on this address (MACP_METRICS_ADDR; default off)")
-    p.add_argument("--console-addr", dest="console_addr", metavar="IP:PORT",
-                   help="serve the read-only browser console on this address, e.g. 127.0.0.1:50080 "
-                        "(MACP_CONSOLE_ADDR; default off)")
-    p.add_argument("--log-json", dest="log_json", action="store_const", const=True,
-                   help="one JSON object per log line (MACP_LOG_FORMAT=json)")
-    p.add_argument("--protocol-profile", dest="protocol_profile", choices=["current", "v0.4.0"],
-                   help="protocol line to speak: current (what macp-sdk-python 0.22 expects) or v0.4.0 "
-                        "(the Rust reference v0.4.0, exactly) (MACP_PROTOCOL_PROFILE, default current)")
-    p.add_argument("--receipt-signing-key-file", dest="receipt_signing_key_file", metavar="FILE",
-                   help="Ed25519 key that signs decision receipts: PKCS#8 PEM or a base64 32-byte seed "
-                        "(MACP_RECEIPT_SIGNING_KEY_FILE; MACP_RECEIPT_SIGNING_KEY holds the seed inline; "
-                        "default: a key generated at first start and kept with the data)")
-    p.add_argument("--receipt-key-id", dest="receipt_key_id", metavar="KID",
-                   help="kid of the configured receipt key (MACP_RECEIPT_KEY_ID, default its JWK thumbprint)")
-    p.add_argument("--receipt-issuer", dest="receipt_issuer", metavar="TEXT",
-                   help="issuer member of decision receipts (MACP_RECEIPT_ISSUER, default runtime:macp-runtime)")
+    p = _command(
+        sub, "serve", "run the MACP gRPC server",
+        "Run the MACP runtime daemon (service macp.v1.MACPRuntimeService).\n\n"
+        "Every flag has an environment variable of the same meaning; a flag wins over its variable. Some "
+        "settings are environment variables only (listed after the examples). `macp-runtime config` shows what "
+        "the environment comes to.",
+        ["MACP_ALLOW_INSECURE=1 macp-runtime serve                 # dev: plaintext, dev auth, .macp-data",
+         "macp-runtime serve --allow-insecure --memory-only        # nothing written to disk",
+         "macp-runtime serve --tls-cert cert.pem --tls-key key.pem --bind 0.0.0.0:50051",
+         "macp-runtime serve --allow-insecure --storage-backend postgres --database-url postgresql://macp@127.0.0.1/macp"],
+        "environment only (auth: see the README's Authentication and TLS):\n"
+        + options.environment_only(Config, HELP_WIDTH))
+    options.add_flags(p, Config)
+
+
+def _config_parser(sub) -> None:
+    p = _command(
+        sub, "config", "show the configuration the environment gives `serve`, or the settings as Markdown",
+        "Without options: read the MACP_* variables as `serve` would and print every setting with its value "
+        "(secrets masked) and where it came from; exit status 1, with every problem, when `serve` would refuse "
+        "them.\n\n"
+        "With --markdown: the README's tables of every setting (variable, flag, default, meaning), between the "
+        "markers the README keeps them in (scripts/readme-options rewrites them).",
+        ["MACP_MEMORY_ONLY=1 macp-runtime config", "macp-runtime config --markdown"])
+    p.add_argument("--markdown", action="store_true", help="print the README tables of the settings instead")
+
+
+def markdown_tables() -> str:
+    """Every README table of settings: the daemon's (Configuration, Authentication) and the operator commands'."""
+    from .client import Connection
+
+    return "\n\n".join(options.markdown(cls, section) for cls in (Config, Connection)
+                        for section in options.sections(cls))
+
+
+def _run_config(args) -> int:
+    if args.markdown:
+        print(markdown_tables())
+        return 0
+    try:
+        cfg = from_env()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    import os
+
+    shown = cfg.describe()
+    rows = [("VARIABLE", "FLAG", "VALUE", "FROM")]
+    rows += [(opt.env, opt.flag or "-", json.dumps(shown[opt.field]),
+             "environment" if opt.env in os.environ else "default") for opt in options.declared(Config)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
 
 
 def _docs_parser(sub) -> None:
-    p = sub.add_parser(
-        "docs", help="generate Markdown documentation of every mode from its spec",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Render one Markdown page per mode (descriptor, roles, who may send what in which phase, "
-                    "checks and their error codes, payload fields, policy rules, a Mermaid state diagram) "
-                    "and an index, from the built-in specs plus any --specs-dir.",
-        epilog="examples:\n"
-               "  macp-runtime docs --out docs/modes            # what the repository commits\n"
-               "  macp-runtime docs --specs-dir my-modes --out /tmp/mode-docs --svg\n")
+    p = _command(
+        sub, "docs", "generate Markdown documentation of every mode from its spec",
+        "Render one Markdown page per mode (descriptor, roles, who may send what in which phase, checks and "
+        "their error codes, payload fields, policy rules, a Mermaid state diagram) and an index, from the "
+        "built-in specs plus any --specs-dir.",
+        ["macp-runtime docs --out docs/modes            # what the repository commits",
+         "macp-runtime docs --specs-dir my-modes --out /tmp/mode-docs --svg"])
     p.add_argument("--out", default="docs/modes", metavar="DIR", help="output directory (default docs/modes)")
     p.add_argument("--specs-dir", dest="specs_dirs", action="append", default=[], metavar="DIR",
                    help="extra directory of mode specs, repeatable")
@@ -156,19 +125,17 @@ def _run_docs(args) -> int:
 
 
 def _check_parser(sub) -> None:
-    p = sub.add_parser(
-        "check", help="validate mode specs without starting the server",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compile each spec and report every problem of every file, as FILE:LINE: LEVEL: KEY.PATH: "
-                    "MESSAGE with the known alternatives and the nearest name: YAML errors, the structure of "
-                    "docs/spec-schema.json (unknown keys, wrong types), unknown phases, message types, roles and "
-                    "hooks, hooks used where they cannot be, missing/unknown/mistyped hook parameters, payload "
-                    "fields a described JSON payload lacks, message types without payload bindings, unreachable "
-                    "phases, commit conditions that can never hold; warns when a spec overrides a built-in mode. "
-                    "Exit status 1 when any error is found (or any warning with --strict), else 0.",
-        epilog="examples:\n"
-               "  macp-runtime check                          # the built-in specs\n"
-               "  macp-runtime check my-modes/ review.yaml    # files and directories\n")
+    p = _command(
+        sub, "check", "validate mode specs without starting the server",
+        "Compile each spec and report every problem of every file, as FILE:LINE: LEVEL: KEY.PATH: MESSAGE with "
+        "the known alternatives and the nearest name: YAML errors, the structure of docs/spec-schema.json "
+        "(unknown keys, wrong types), unknown phases, message types, roles and hooks, hooks used where they "
+        "cannot be, missing/unknown/mistyped hook parameters, payload fields a described JSON payload lacks, "
+        "message types without payload bindings, unreachable phases, commit conditions that can never hold; "
+        "warns when a spec overrides a built-in mode.\n\n"
+        "Exit status 1 when any error is found (or any warning with --strict), else 0.",
+        ["macp-runtime check                          # the built-in specs",
+         "macp-runtime check my-modes/ review.yaml    # files and directories"])
     p.add_argument("paths", nargs="*", metavar="PATH", help="spec files or directories (default: the built-in specs)")
     p.add_argument("--strict", action="store_true", help="treat warnings as errors")
 
@@ -190,25 +157,20 @@ def _run_check(args) -> int:
 
 
 def _hooks_parser(sub) -> None:
-    p = sub.add_parser(
-        "hooks", help="list the hooks a mode spec can name, with their parameters",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Print the hook catalogue: each hook's name as a spec writes it, where it may be used "
-                    "(guard, effect, when, ready, role, start, state, ...), its parameters with their types, "
-                    "and what it checks. Without MODULE: the generic and common hooks, the ones YAML-only "
-                    "specs use.",
-        epilog="examples:\n"
-               "  macp-runtime hooks                 # generic + common\n"
-               "  macp-runtime hooks decision task   # the hooks of built-in modes\n"
-               "  macp-runtime hooks --all --json\n")
+    p = _command(
+        sub, "hooks", "list the hooks a mode spec can name, with their parameters",
+        "Print the hook catalogue: each hook's name as a spec writes it, where it may be used (guard, effect, "
+        "when, ready, role, start, state, ...), its parameters with their types, and what it checks. Without "
+        "MODULE: the generic and common hooks, the ones YAML-only specs use.",
+        ["macp-runtime hooks                 # generic + common",
+         "macp-runtime hooks decision task   # the hooks of built-in modes",
+         "macp-runtime hooks --all --json"])
     p.add_argument("modules", nargs="*", metavar="MODULE", help="hook modules to list")
     p.add_argument("--all", action="store_true", help="every built-in hook module")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
 
 
 def _run_hooks(args) -> int:
-    import json
-
     from ..codegen.catalogue import all_modules, catalogue, format_text
 
     known = all_modules()
@@ -221,25 +183,40 @@ def _run_hooks(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="macp-runtime",
-        description="MACP runtime for Python: coordination modes declared in YAML, one generic session engine.")
+        prog="macp-runtime", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="MACP runtime for Python: coordination modes declared in YAML, one generic session engine, "
+                    "served over gRPC\n(macp.v1.MACPRuntimeService).",
+        epilog="commands by purpose:\n"
+               "  the daemon          serve (its settings: flags and MACP_* variables), config (what they come to)\n"
+               "  mode specs          check, docs, hooks (no server needed)\n"
+               "  a running server    sessions, modes, policies (gRPC: --target, --token)\n"
+               "  decision receipts   receipts verify (offline), receipts rotate-key (the data directory or database)\n"
+               "\nEvery command explains itself: macp-runtime COMMAND --help, macp-runtime COMMAND ACTION --help.\n")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"macp-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    _config_parser(sub)
     _docs_parser(sub)
     _check_parser(sub)
     _hooks_parser(sub)
     from .opcli import register
 
     register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "config":
+        return _run_config(args)
     if args.command == "docs":
         return _run_docs(args)
     if args.command == "check":
@@ -248,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_hooks(args)
     if hasattr(args, "func"):   # operator commands (sessions, modes, policies)
         return args.func(args)
-    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}   # the flags' values, by field
     try:
         cfg = from_env(overrides=overrides)
     except ConfigError as exc:

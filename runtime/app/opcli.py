@@ -5,85 +5,53 @@
     macp-runtime policies list
 
 Output is a readable table by default and one JSON document (or one JSON line per event for the
-streaming commands) with --json. Every command takes the same connection and auth options.
+streaming commands) with --json. Every command takes the same connection and auth options (client.py).
 """
 from __future__ import annotations
 
-import argparse
 import base64
-import builtins
 import datetime
-import ipaddress
 import json
-import os
-import re
 import sys
 
 import grpc
 from google.protobuf import json_format
-from macp.v1 import core_pb2, core_pb2_grpc, envelope_pb2, policy_pb2
+from macp.v1 import core_pb2, envelope_pb2, policy_pb2
+
+from .client import auth_metadata, command, connect, fail, print, table
 
 STATE_NAMES = {v.number: v.name.replace("SESSION_STATE_", "") for v in envelope_pb2.SessionState.DESCRIPTOR.values}
 EVENT_NAMES = {v.number: v.name.replace("EVENT_TYPE_", "")
                for v in core_pb2.SessionLifecycleEvent.EventType.DESCRIPTOR.values}
 
-CONNECTION_HELP = """connection and auth (also from the environment):
-  --target      MACP_TARGET        server address, default 127.0.0.1:50051
-  --token       MACP_TOKEN         bearer token (in dev mode: the sender name), default "operator";
-                                   prefer MACP_TOKEN or --token-file: argv is visible to other users
-  --token-file  MACP_TOKEN_FILE    read the bearer token from this file (first line)
-  --tls-ca      MACP_TLS_CA_PATH   PEM CA bundle: connect with TLS instead of plaintext
-  --allow-plaintext-token  MACP_ALLOW_PLAINTEXT_TOKEN=1
-                                   send the token without TLS to a non-loopback target (refused otherwise)
-"""
-
-
-def _add_connection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("MACP_TARGET", "127.0.0.1:50051"), help=argparse.SUPPRESS)
-    p.add_argument("--token", default=os.environ.get("MACP_TOKEN", "operator"), help=argparse.SUPPRESS)
-    p.add_argument("--token-file", default=os.environ.get("MACP_TOKEN_FILE"), help=argparse.SUPPRESS)
-    p.add_argument("--tls-ca", default=os.environ.get("MACP_TLS_CA_PATH"), help=argparse.SUPPRESS)
-    p.add_argument("--allow-plaintext-token", action="store_true",
-                   default=os.environ.get("MACP_ALLOW_PLAINTEXT_TOKEN") == "1", help=argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--specs-dir", action="append", default=[], metavar="DIR",
-                   help="extra spec directories, to decode payloads of user-defined modes")
-
-
-def _cmd(sub, name: str, help_text: str, example: str, func) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text,
-                       epilog=f"example:\n  {example}\n\n{CONNECTION_HELP}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_connection(p)
-    p.set_defaults(func=func)
-    return p
-
-
 def register(sub) -> None:
     sessions = sub.add_parser("sessions", help="inspect sessions on a running server",
                               description="Inspect the sessions of a running server over gRPC.")
     ssub = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
-    _cmd(ssub, "list", "list the sessions the server holds in memory",
+    command(ssub, "list", "list the sessions the server holds in memory",
          "macp-runtime sessions list --target 127.0.0.1:50051", sessions_list)
-    p = _cmd(ssub, "show", "one session's metadata and its accepted history, payloads decoded",
+    p = command(ssub, "show", "one session's metadata and its accepted history, payloads decoded",
              "macp-runtime sessions show 0b6e…-… --token alice", sessions_show)
     p.add_argument("session_id")
     p.add_argument("--idle", type=float, default=0.5, help="stop reading history after this many idle seconds")
-    _cmd(ssub, "watch", "follow session lifecycle events (created, resolved, expired, ...) until Ctrl-C",
+    command(ssub, "watch", "follow session lifecycle events (created, resolved, expired, ...) until Ctrl-C",
          "macp-runtime sessions watch --json", sessions_watch)
-    p = _cmd(ssub, "tail", "follow one session's envelopes live (passive subscribe), payloads decoded",
+    p = command(ssub, "tail", "follow one session's envelopes live (passive subscribe), payloads decoded",
              "macp-runtime sessions tail 0b6e…-… --after 0 --token alice", sessions_tail)
     p.add_argument("session_id")
     p.add_argument("--after", type=int, default=0, help="replay history from this log index first (default 0)")
 
-    modes = sub.add_parser("modes", help="list the modes a running server serves")
+    modes = sub.add_parser("modes", help="list the modes a running server serves",
+                           description="List the modes a running server serves, over gRPC.")
     msub = modes.add_subparsers(dest="action", metavar="ACTION", required=True)
-    _cmd(msub, "list", "list standard and extension modes with their descriptors",
+    command(msub, "list", "list standard and extension modes with their descriptors",
          "macp-runtime modes list --json", modes_list)
 
-    policies = sub.add_parser("policies", help="list governance policies of a running server")
+    policies = sub.add_parser("policies", help="list governance policies of a running server; re-judge under one",
+                              description="Governance policies of a running server, over gRPC: list them, or "
+                                          "re-judge a session's history under another (what-if).")
     psub = policies.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = _cmd(psub, "list", "list registered governance policies (optionally for one mode)",
+    p = command(psub, "list", "list registered governance policies (optionally for one mode)",
              "macp-runtime policies list --mode macp.mode.decision.v1", policies_list)
     p.add_argument("--mode", default="", help="only policies for this mode (and `*` policies)")
 
@@ -94,64 +62,10 @@ def register(sub) -> None:
 
 # --- plumbing ----------------------------------------------------------------------------------------
 
-def _is_loopback_target(target: str) -> bool:
-    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _stub(args):
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as fh:
-                args.token = fh.readline().strip()
-        except OSError as exc:
-            raise SystemExit(f"error: cannot read the token file {args.token_file}: {exc.strerror}")
-    if not args.tls_ca and not args.allow_plaintext_token and not _is_loopback_target(args.target):
-        raise SystemExit(f"error: refusing to send a bearer token in plaintext to {_safe(args.target)}: use --tls-ca, "
-                         f"or --allow-plaintext-token (MACP_ALLOW_PLAINTEXT_TOKEN=1) if you mean it")
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as fh:
-            channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(root_certificates=fh.read()))
-    else:
-        channel = grpc.insecure_channel(args.target)
-    return channel, core_pb2_grpc.MACPRuntimeServiceStub(channel)
-
-
-def _md(args):
-    return [("authorization", f"Bearer {args.token}")]
-
-
 def _when(ms: int) -> str:
     if not ms:
         return "-"
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _safe(text) -> str:
-    """A server-supplied string with control characters (terminal escapes, carriage returns) made visible."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}" if ord(m.group(0)) < 0x100
-                        else f"\\u{ord(m.group(0)):04x}", str(text))
-
-
-def print(*values, **kwargs) -> None:   # noqa: A001 - every line this module prints goes through _safe
-    builtins.print(*(_safe(v) for v in values), **kwargs)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    rows = [[_safe(c).replace("\n", "\\n") for c in r] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def _meta_dict(m) -> dict:
@@ -208,19 +122,14 @@ def _print_envelope(d: dict, as_json: bool) -> None:
         print(f"{_when(d['timestamp_unix_ms'])}  {d['sender']:<16} {d['message_type']:<16} {payload}", flush=True)
 
 
-def _fail(exc: grpc.RpcError) -> int:
-    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-    return 1
-
-
 # --- commands ----------------------------------------------------------------------------------------
 
 def sessions_list(args) -> int:
-    channel, stub = _stub(args)
+    channel, stub = connect(args)
     try:
-        sessions = list(stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=_md(args), timeout=30).sessions)
+        sessions = list(stub.ListSessions(core_pb2.ListSessionsRequest(), metadata=auth_metadata(args), timeout=30).sessions)
     except grpc.RpcError as exc:
-        return _fail(exc)
+        return fail(exc)
     finally:
         channel.close()
     sessions.sort(key=lambda m: m.started_at_unix_ms)
@@ -229,7 +138,7 @@ def sessions_list(args) -> int:
         return 0
     rows = [[m.session_id, m.mode, STATE_NAMES.get(m.state, m.state), m.initiator, len(m.participants),
              _when(m.started_at_unix_ms), _when(m.expires_at_unix_ms)] for m in sessions]
-    print(_table(rows, ["SESSION", "MODE", "STATE", "INITIATOR", "PARTICIPANTS", "STARTED (UTC)", "EXPIRES (UTC)"]))
+    print(table(rows, ["SESSION", "MODE", "STATE", "INITIATOR", "PARTICIPANTS", "STARTED (UTC)", "EXPIRES (UTC)"]))
     print(f"{len(sessions)} session(s)")
     return 0
 
@@ -246,16 +155,16 @@ def _subscribe(stub, args, session_id: str, after: int):
         yield requests.get()
         done.wait()  # keep the request side open: a passive observer must not half-close
 
-    return stub.StreamSession(gen(), metadata=_md(args)), done
+    return stub.StreamSession(gen(), metadata=auth_metadata(args)), done
 
 
 def sessions_show(args) -> int:
     import threading
 
-    channel, stub = _stub(args)
+    channel, stub = connect(args)
     decoder = _Decoder(args.specs_dir)
     try:
-        meta = stub.GetSession(core_pb2.GetSessionRequest(session_id=args.session_id), metadata=_md(args),
+        meta = stub.GetSession(core_pb2.GetSessionRequest(session_id=args.session_id), metadata=auth_metadata(args),
                                timeout=30).metadata
         call, done = _subscribe(stub, args, args.session_id, 0)
         history, errors = [], []
@@ -277,13 +186,13 @@ def sessions_show(args) -> int:
                 timer.start()
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                return _fail(exc)
+                return fail(exc)
         finally:
             if timer:
                 timer.cancel()
             done.set()
     except grpc.RpcError as exc:
-        return _fail(exc)
+        return fail(exc)
     finally:
         channel.close()
     if errors:
@@ -305,10 +214,26 @@ def sessions_show(args) -> int:
     return 0
 
 
-def sessions_watch(args) -> int:
-    channel, stub = _stub(args)
+def _streamed(channel, follow, *cleanup) -> int:
+    """Run a command that follows a stream: Ctrl-C or a cancelled call ends it with 0, another gRPC error
+    with 1; then `cleanup` and the channel close."""
     try:
-        for resp in stub.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=_md(args)):
+        return follow()
+    except grpc.RpcError as exc:
+        return 0 if exc.code() == grpc.StatusCode.CANCELLED else fail(exc)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for step in cleanup:
+            step()
+        channel.close()
+
+
+def sessions_watch(args) -> int:
+    channel, stub = connect(args)
+
+    def follow() -> int:
+        for resp in stub.WatchSessions(core_pb2.WatchSessionsRequest(), metadata=auth_metadata(args)):
             ev = resp.event
             name = EVENT_NAMES.get(ev.event_type, str(ev.event_type))
             if args.json:
@@ -318,41 +243,29 @@ def sessions_watch(args) -> int:
                 s = ev.session
                 print(f"{_when(ev.observed_at_unix_ms)}  {name:<9} {s.session_id}  {s.mode}  "
                       f"{STATE_NAMES.get(s.state, s.state)}", flush=True)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.CANCELLED:
-            return 0
-        return _fail(exc)
-    except KeyboardInterrupt:
         return 0
-    finally:
-        channel.close()
-    return 0
+
+    return _streamed(channel, follow)
 
 
 def sessions_tail(args) -> int:
-    channel, stub = _stub(args)
+    channel, stub = connect(args)
     decoder = _Decoder(args.specs_dir)
     call, done = _subscribe(stub, args, args.session_id, args.after)
-    try:
+
+    def follow() -> int:
         for resp in call:
             if resp.HasField("error"):
                 print(f"error: {resp.error.message}", file=sys.stderr)
                 return 1
             _print_envelope(_envelope_dict(resp.envelope, decoder), args.json)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.CANCELLED:
-            return 0
-        return _fail(exc)
-    except KeyboardInterrupt:
         return 0
-    finally:
-        done.set()
-        channel.close()
-    return 0
+
+    return _streamed(channel, follow, done.set)
 
 
 def modes_list(args) -> int:
-    channel, stub = _stub(args)
+    channel, stub = connect(args)
     try:
         standard = list(stub.ListModes(core_pb2.ListModesRequest(), timeout=30).modes)
         try:
@@ -362,7 +275,7 @@ def modes_list(args) -> int:
                 raise
             ext = []
     except grpc.RpcError as exc:
-        return _fail(exc)
+        return fail(exc)
     finally:
         channel.close()
     if args.json:
@@ -373,17 +286,17 @@ def modes_list(args) -> int:
     rows = [[m.mode, m.mode_version, "standard" if i < len(standard) else "extension", m.title,
              ", ".join(t for t in m.message_types if t != "SessionStart")]
             for i, m in enumerate(standard + ext)]
-    print(_table(rows, ["MODE", "VERSION", "KIND", "TITLE", "MESSAGE TYPES"]))
+    print(table(rows, ["MODE", "VERSION", "KIND", "TITLE", "MESSAGE TYPES"]))
     return 0
 
 
 def policies_list(args) -> int:
-    channel, stub = _stub(args)
+    channel, stub = connect(args)
     try:
-        descriptors = list(stub.ListPolicies(policy_pb2.ListPoliciesRequest(mode=args.mode), metadata=_md(args),
+        descriptors = list(stub.ListPolicies(policy_pb2.ListPoliciesRequest(mode=args.mode), metadata=auth_metadata(args),
                                              timeout=30).descriptors)
     except grpc.RpcError as exc:
-        return _fail(exc)
+        return fail(exc)
     finally:
         channel.close()
     if args.json:
@@ -395,5 +308,5 @@ def policies_list(args) -> int:
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0
     rows = [[d.policy_id, d.mode, d.schema_version, d.description] for d in descriptors]
-    print(_table(rows, ["POLICY", "MODE", "SCHEMA", "DESCRIPTION"]))
+    print(table(rows, ["POLICY", "MODE", "SCHEMA", "DESCRIPTION"]))
     return 0

@@ -20,23 +20,27 @@ import grpc
 from macp.v1 import core_pb2, policy_pb2
 
 from ..kernel.receipts import verify_file_text
-from . import opcli
+from . import options
+from .client import auth_metadata, command, connect, fail, table
+from .config import Config
 
 _VERDICT_EXIT = {"attested": 0}
 
 
 def register(sub, sessions_sub, policies_sub) -> None:
-    p = opcli._cmd(sessions_sub, "receipt", "a resolved session's decision receipt, verified against the server's keys",
+    p = command(sessions_sub, "receipt", "a resolved session's decision receipt, verified against the server's keys",
                    "macp-runtime sessions receipt 0b6e…-… --token alice --out receipt.json", sessions_receipt)
     p.add_argument("session_id")
     p.add_argument("--out", metavar="FILE", help="also save the receipt exactly as served (for `receipts verify`)")
-    p = opcli._cmd(policies_sub, "what-if", "re-judge a session's recorded history under another policy "
+    p = command(policies_sub, "what-if", "re-judge a session's recorded history under another policy "
                    "(nothing changes on the server)",
                    "macp-runtime policies what-if 0b6e…-… policy.std.unanimous --token alice", policies_what_if)
     p.add_argument("session_id")
     p.add_argument("policy", help="a registered policy id, or @FILE holding a policy descriptor as JSON")
 
-    receipts = sub.add_parser("receipts", help="verify saved decision receipts; rotate the receipt signing key")
+    receipts = sub.add_parser("receipts", help="verify saved decision receipts; rotate the receipt signing key",
+                              description="Decision receipts without a server: verify a saved receipt, or rotate "
+                                          "the signing key kept with the data.")
     rsub = receipts.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = rsub.add_parser("verify", help="verify a saved receipt offline (integrity, and signatures against --keys)",
                         description="Verify a saved macp-receipt/1 receipt without a server: the commitment "
@@ -60,24 +64,20 @@ def register(sub, sessions_sub, policies_sub) -> None:
                         epilog="examples:\n  macp-runtime receipts rotate-key --data-dir .macp-data\n"
                                "  macp-runtime receipts rotate-key --database-url postgresql://macp@127.0.0.1/macp\n",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=os.environ.get("MACP_DATA_DIR", ".macp-data"),
-                   help="data directory of the file backend (MACP_DATA_DIR, default .macp-data)")
-    p.add_argument("--database-url", default=os.environ.get("MACP_DATABASE_URL")
-                   if os.environ.get("MACP_STORAGE_BACKEND") == "postgres" else None,
-                   help="PostgreSQL database of the postgres backend (instead of --data-dir)")
+    options.add_flags(p, Config, only=("data_dir", "database_url", "storage_backend"))
     p.set_defaults(func=receipts_rotate_key)
 
 
 # --- sessions receipt ------------------------------------------------------------------------------
 
 def sessions_receipt(args) -> int:
-    channel, stub = opcli._stub(args)
+    channel, stub = connect(args)
     try:
         raw = stub.GetDecisionReceipt(core_pb2.GetDecisionReceiptRequest(session_id=args.session_id),
-                                      metadata=opcli._md(args), timeout=30).receipt_json
+                                      metadata=auth_metadata(args), timeout=30).receipt_json
         jwks_text = stub.GetReceiptKeys(core_pb2.GetReceiptKeysRequest(), timeout=30).jwks_json
     except grpc.RpcError as exc:
-        return opcli._fail(exc)
+        return fail(exc)
     finally:
         channel.close()
     if args.out:
@@ -139,7 +139,7 @@ def _descriptor_from_file(path: str) -> policy_pb2.PolicyDescriptor:
 def policies_what_if(args) -> int:
     from ..kernel.whatif import describe
 
-    channel, stub = opcli._stub(args)
+    channel, stub = connect(args)
     try:
         if args.policy.startswith("@"):
             try:
@@ -148,12 +148,12 @@ def policies_what_if(args) -> int:
                 print(f"error: cannot read the policy descriptor {args.policy[1:]!r}: {exc}", file=sys.stderr)
                 return 1
         else:
-            candidate = stub.GetPolicy(policy_pb2.GetPolicyRequest(policy_id=args.policy), metadata=opcli._md(args),
+            candidate = stub.GetPolicy(policy_pb2.GetPolicyRequest(policy_id=args.policy), metadata=auth_metadata(args),
                                        timeout=30).policy_descriptor
         response = stub.WhatIfReplay(policy_pb2.WhatIfReplayRequest(session_id=args.session_id, candidate=candidate),
-                                     metadata=opcli._md(args), timeout=60)
+                                     metadata=auth_metadata(args), timeout=60)
     except grpc.RpcError as exc:
-        return opcli._fail(exc)
+        return fail(exc)
     finally:
         channel.close()
     summary = describe(response)
@@ -170,7 +170,7 @@ def policies_what_if(args) -> int:
         r, c = e["recorded"], e["candidate"]
         rows.append([e["history_index"], e["message_type"], e["message_id"], _entry(r), _entry(c)])
     print()
-    print(opcli._table(rows, ["#", "MESSAGE", "MESSAGE ID", "RECORDED POLICY", "CANDIDATE POLICY"]))
+    print(table(rows, ["#", "MESSAGE", "MESSAGE ID", "RECORDED POLICY", "CANDIDATE POLICY"]))
     for d in summary["denials"]:
         details = d["details"]
         denials = details.get("denials") if isinstance(details, dict) else None
@@ -223,18 +223,24 @@ def receipts_rotate_key(args) -> int:
     from ..kernel.receipt_keys import DocumentKeySet, FileKeySet, rotate
     from ..storage.base import StorageError
 
+    # where `serve` keeps the key set, as its flags and variables say (a given --database-url means postgres)
+    cfg, _problems, _warnings = options.read(Config, os.environ, vars(args))   # only these three are used
+    postgres = cfg.storage_backend == "postgres" or args.database_url is not None
     try:
-        if args.database_url:
+        if postgres:
+            if not cfg.database_url:
+                print("error: the postgres backend needs --database-url (MACP_DATABASE_URL)", file=sys.stderr)
+                return 1
             from ..storage import open_store
 
-            store = open_store(False, backend="postgres", database_url=args.database_url, pool_size=2)
+            store = open_store(False, backend="postgres", database_url=cfg.database_url, pool_size=2)
             store.open()
             try:
                 new, old = rotate(DocumentKeySet(store.documents()))
             finally:
                 store.close()
         else:
-            new, old = rotate(FileKeySet(args.data_dir))
+            new, old = rotate(FileKeySet(cfg.data_dir))
     except (StorageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ import time
 from .. import __version__
 from ..codegen import SpecError
 from ..kernel.access import Limits
-from ..kernel.auth import AuthConfigError, build_authenticator
+from ..kernel.auth import AuthConfigError, AuthSettings, build_authenticator
 from ..kernel.engine import Engine
 from ..kernel.metrics import Metrics
 from ..kernel.receipt_keys import DOCUMENT as RECEIPT_KEYS_DOCUMENT
@@ -34,7 +34,9 @@ from ..storage.documents import open_documents
 from ..transport.server import BindError, GrpcServer
 from ..transport.service import SERVICE_NAME
 from ..vocabulary.logs import mask
+from ..vocabulary.redact import mask_url
 from .config import Config, is_loopback
+from .errors import StartupError
 from .tls import TlsError, server_credentials
 
 log = logging.getLogger("macp_runtime.server")
@@ -59,8 +61,12 @@ def _file_loaded_policies(directory: str, prof) -> PolicyRegistry:
     return policies
 
 
-class StartupError(Exception):
-    pass
+def auth_settings(cfg: Config) -> AuthSettings:
+    """The kernel's auth settings from the configuration's auth section."""
+    return AuthSettings(issuer=cfg.auth_issuer, audience=cfg.auth_audience, jwks_json=cfg.auth_jwks_json,
+                        jwks_url=cfg.auth_jwks_url, jwks_ttl_secs=cfg.auth_jwks_ttl_secs,
+                        tokens_json=cfg.auth_tokens_json, tokens_file=cfg.auth_tokens_file,
+                        unknown=tuple(cfg.auth_unknown))
 
 
 class Runtime:
@@ -95,7 +101,7 @@ class Runtime:
             "config": cfg.describe(),
             "env": {k: mask(k, v) for k, v in sorted(os.environ.items()) if k.startswith("MACP_")}}})
         try:   # first: a broken auth configuration stops start-up before anything is opened
-            authenticator = build_authenticator()
+            authenticator = build_authenticator(auth_settings(cfg))
         except AuthConfigError as exc:
             raise StartupError(f"auth configuration: {exc}") from None
         if not authenticator.resolvers and not cfg.dev_mode_allow_remote and not is_loopback(cfg.bind_addr):
@@ -155,7 +161,7 @@ class Runtime:
         try:   # decision receipts: the signing key and the published key set (runtime/receipt_keys.py)
             receipt_keys = open_receipt_keys(memory_only=cfg.memory_only, data_dir=cfg.data_dir,
                                              shared_documents=shared_documents,
-                                             inline=os.environ.get("MACP_RECEIPT_SIGNING_KEY"),
+                                             inline=cfg.receipt_signing_key,
                                              key_file=cfg.receipt_signing_key_file, kid=cfg.receipt_key_id)
         except (KeyConfigError, StorageError) as exc:
             raise StartupError(f"receipt signing key: {exc}") from None
@@ -167,7 +173,6 @@ class Runtime:
         log.info("decision receipts: signed with kid %s", receipt_keys.active.kid)
         if postgres:   # other instances' changes reach this one (fan-out, registries)
             from ..kernel.cluster import ClusterBus
-            from .config import mask_url
 
             self.cluster = ClusterBus(cfg.database_url, engine, shared_documents,
                                       {"policies": policies.reload, "modes": modes.reload,

@@ -1,6 +1,7 @@
 """Who is calling: identities and the credential resolvers that produce them (runtime.md §4).
 
-The chain is built once at start-up from the environment (`build_authenticator`) and tried in order:
+The chain is built once at start-up from the auth settings the application read (`AuthSettings`,
+`build_authenticator`; this module reads no environment) and tried in order:
 
 1. JWT bearer (`MACP_AUTH_ISSUER` plus a JWKS from `MACP_AUTH_JWKS_JSON` or `MACP_AUTH_JWKS_URL`):
    claims tokens with a `.` in `authorization: Bearer`.
@@ -19,7 +20,6 @@ import binascii
 import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 import urllib.parse
@@ -471,7 +471,28 @@ class ChainAuthenticator:
         return None
 
 
-AUTH_PREFIX = "MACP_AUTH_"
+@dataclasses.dataclass(frozen=True)
+class AuthSettings:
+    """The auth settings as configured (the application reads them: runtime/app/config.py, section auth).
+
+    Each is the text of its variable, None when unset (set but empty is not unset); `unknown` names
+    other MACP_AUTH_* variables that were set. Messages name the variables, the only way to set them.
+    """
+
+    issuer: str | None = None          # MACP_AUTH_ISSUER
+    audience: str | None = None        # MACP_AUTH_AUDIENCE
+    jwks_json: str | None = None       # MACP_AUTH_JWKS_JSON
+    jwks_url: str | None = None        # MACP_AUTH_JWKS_URL
+    jwks_ttl_secs: str | None = None   # MACP_AUTH_JWKS_TTL_SECS
+    tokens_json: str | None = None     # MACP_AUTH_TOKENS_JSON
+    tokens_file: str | None = None     # MACP_AUTH_TOKENS_FILE
+    unknown: tuple[str, ...] = ()
+
+    def configured(self) -> list[str]:
+        """The variables set, sorted."""
+        named = [f"MACP_AUTH_{f.name.upper()}" for f in dataclasses.fields(self)
+                 if f.name != "unknown" and getattr(self, f.name) is not None]
+        return sorted([*named, *self.unknown])
 
 
 def mask_secret_url(url: str) -> str:
@@ -492,20 +513,18 @@ def _ttl(raw: str | None) -> float:
     return float(value)
 
 
-def build_authenticator(environ=None):
-    """The resolver chain from MACP_AUTH_* variables (runtime.md §4.3, §4.4). Raises AuthConfigError.
+def build_authenticator(settings: AuthSettings):
+    """The resolver chain from the MACP_AUTH_* settings (runtime.md §4.3, §4.4). Raises AuthConfigError.
 
     Fails closed: when any MACP_AUTH_* variable is set, the resolver it belongs to must be buildable
     (otherwise the error names the variable); dev mode is only for a configuration without any.
     """
-    environ = os.environ if environ is None else environ
-    configured = sorted(k for k in environ if k.startswith(AUTH_PREFIX))
     static = None
-    if "MACP_AUTH_TOKENS_JSON" in environ:
-        tokens = parse_tokens(environ["MACP_AUTH_TOKENS_JSON"], "MACP_AUTH_TOKENS_JSON")
+    if settings.tokens_json is not None:
+        tokens = parse_tokens(settings.tokens_json, "MACP_AUTH_TOKENS_JSON")
         source = "MACP_AUTH_TOKENS_JSON"
-    elif "MACP_AUTH_TOKENS_FILE" in environ:
-        path = environ["MACP_AUTH_TOKENS_FILE"]
+    elif settings.tokens_file is not None:
+        path = settings.tokens_file
         try:
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()
@@ -524,31 +543,34 @@ def build_authenticator(environ=None):
         static = StaticTokenResolver(tokens, source)
 
     jwt_resolver = None
-    issuer = environ.get("MACP_AUTH_ISSUER")
-    jwt_vars = [k for k in ("MACP_AUTH_JWKS_JSON", "MACP_AUTH_JWKS_URL", "MACP_AUTH_AUDIENCE",
-                            "MACP_AUTH_JWKS_TTL_SECS") if k in environ]
+    issuer = settings.issuer
+    jwt_vars = [name for name, value in (("MACP_AUTH_JWKS_JSON", settings.jwks_json),
+                                         ("MACP_AUTH_JWKS_URL", settings.jwks_url),
+                                         ("MACP_AUTH_AUDIENCE", settings.audience),
+                                         ("MACP_AUTH_JWKS_TTL_SECS", settings.jwks_ttl_secs)) if value is not None]
     if issuer is None and jwt_vars:
         raise AuthConfigError(f"{jwt_vars[0]} is set but MACP_AUTH_ISSUER is not (JWT authentication needs both)")
     if issuer is not None:
         if not issuer.strip():
             raise AuthConfigError("MACP_AUTH_ISSUER is empty")
-        audience = environ.get("MACP_AUTH_AUDIENCE") or DEFAULT_AUDIENCE
-        if "MACP_AUTH_JWKS_JSON" in environ:
+        audience = settings.audience or DEFAULT_AUDIENCE
+        if settings.jwks_json is not None:
             try:
-                keys = _StaticKeys(parse_jwks(environ["MACP_AUTH_JWKS_JSON"]))
+                keys = _StaticKeys(parse_jwks(settings.jwks_json))
             except (ValueError, TypeError, RecursionError) as exc:
                 raise AuthConfigError(f"MACP_AUTH_JWKS_JSON cannot be used: {str(exc)[:200]}") from None
-        elif "MACP_AUTH_JWKS_URL" in environ:
-            url = environ["MACP_AUTH_JWKS_URL"]
+        elif settings.jwks_url is not None:
+            url = settings.jwks_url
             parsed = urllib.parse.urlsplit(url)
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
                 raise AuthConfigError(f"MACP_AUTH_JWKS_URL must be an http(s) URL, got {mask_secret_url(url)!r}")
-            keys = _UrlKeys(url, _ttl(environ.get("MACP_AUTH_JWKS_TTL_SECS")))
+            keys = _UrlKeys(url, _ttl(settings.jwks_ttl_secs))
         else:
             raise AuthConfigError("MACP_AUTH_ISSUER is set but neither MACP_AUTH_JWKS_JSON nor MACP_AUTH_JWKS_URL")
         jwt_resolver = JwtResolver(issuer, audience, keys)
 
     if jwt_resolver is None and static is None:
+        configured = settings.configured()
         if configured:
             raise AuthConfigError(f"{configured[0]} is set but configures no resolver "
                                   f"(unset every MACP_AUTH_* variable for dev mode)")

@@ -10,13 +10,14 @@ import asyncio
 import concurrent.futures
 import logging
 
+from ..errors import StartupError
+from ..options import parse_bind_addr
+
 log = logging.getLogger("macp_runtime.console")
 
 
 class ConsoleServer:
     def __init__(self, engine, authenticator, addr: str):
-        from ..config import parse_bind_addr
-
         parsed = parse_bind_addr(addr)
         if parsed is None:
             raise ValueError(f"console address must be IP:PORT, got {addr!r}")
@@ -77,8 +78,6 @@ class ConsoleService:
         self.server: ConsoleServer | None = None
 
     async def start(self, runtime) -> None:
-        from ..server import StartupError
-
         self.server = ConsoleServer(runtime.engine, runtime.authenticator, self.addr)
         try:
             url = await self.server.start()
