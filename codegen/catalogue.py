@@ -48,7 +48,7 @@ def example(entry: dict) -> str:
 
 
 def format_text(entries: list[dict]) -> str:
-    lines = []
+    lines: list[str] = []
     module = None
     for e in entries:
         if e["module"] != module:

@@ -133,13 +133,15 @@ def mode_context(mode: CompiledMode) -> dict:
     roles = [{"name": r, "text": BUILTIN_ROLE_TEXT[r]} for r in ("initiator", "participant", "anyone")]
     for name, ref in (spec.get("roles") or {}).items():
         roles.append({"name": name, "text": _doc(_resolve_role(mode, name)) or f"hook `{ref}`"})
-    rows, errors = [], {}
+    rows: list[dict] = []
+    errors: dict[str, list[str]] = {}
     for node in raw_transitions:
         msg = node["message"]
         t = next(t for t in mode.transitions[msg].values() if sorted(t.sources) == sorted(
             [node["from"]] if isinstance(node["from"], str) else node["from"]))
-        checks = [{"why": g.why or _doc(g.check) or g.name, "code": REJECT_CODES[g.reject], "hook": g.name}
-                  for g in t.guards]
+        checks: list[dict] = [
+            {"why": g.why or _doc(g.check) or g.name, "code": REJECT_CODES[g.reject], "hook": g.name}
+            for g in t.guards]
         if t.commit:
             if t.ready is not None:
                 checks.append({"why": _doc(t.ready) or "the session is ready for a Commitment",

@@ -29,15 +29,15 @@ def register(sub) -> None:
                               description="Inspect the sessions of a running server over gRPC.")
     ssub = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
     command(ssub, "list", "list the sessions the server holds in memory",
-         "macp-runtime sessions list --target 127.0.0.1:50051", sessions_list)
+            "macp-runtime sessions list --target 127.0.0.1:50051", sessions_list)
     p = command(ssub, "show", "one session's metadata and its accepted history, payloads decoded",
-             "macp-runtime sessions show 0b6e…-… --token alice", sessions_show)
+                "macp-runtime sessions show 0b6e…-… --token alice", sessions_show)
     p.add_argument("session_id")
     p.add_argument("--idle", type=float, default=0.5, help="stop reading history after this many idle seconds")
     command(ssub, "watch", "follow session lifecycle events (created, resolved, expired, ...) until Ctrl-C",
-         "macp-runtime sessions watch --json", sessions_watch)
+            "macp-runtime sessions watch --json", sessions_watch)
     p = command(ssub, "tail", "follow one session's envelopes live (passive subscribe), payloads decoded",
-             "macp-runtime sessions tail 0b6e…-… --after 0 --token alice", sessions_tail)
+                "macp-runtime sessions tail 0b6e…-… --after 0 --token alice", sessions_tail)
     p.add_argument("session_id")
     p.add_argument("--after", type=int, default=0, help="replay history from this log index first (default 0)")
 
@@ -45,14 +45,14 @@ def register(sub) -> None:
                            description="List the modes a running server serves, over gRPC.")
     msub = modes.add_subparsers(dest="action", metavar="ACTION", required=True)
     command(msub, "list", "list standard and extension modes with their descriptors",
-         "macp-runtime modes list --json", modes_list)
+            "macp-runtime modes list --json", modes_list)
 
     policies = sub.add_parser("policies", help="list governance policies of a running server; re-judge under one",
                               description="Governance policies of a running server, over gRPC: list them, or "
                                           "re-judge a session's history under another (what-if).")
     psub = policies.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = command(psub, "list", "list registered governance policies (optionally for one mode)",
-             "macp-runtime policies list --mode macp.mode.decision.v1", policies_list)
+                "macp-runtime policies list --mode macp.mode.decision.v1", policies_list)
     p.add_argument("--mode", default="", help="only policies for this mode (and `*` policies)")
 
     from .receipt_cli import register as register_receipts  # sessions receipt, policies what-if, receipts

@@ -193,7 +193,8 @@ class _UrlKeys:
     def _http_get(self) -> bytes:
         deadline = time.monotonic() + JWKS_FETCH_TIMEOUT_S
         with urllib.request.urlopen(self.url, timeout=JWKS_FETCH_TIMEOUT_S) as resp:
-            chunks, size = [], 0
+            chunks: list[bytes] = []
+            size = 0
             while True:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the JWKS took longer than {JWKS_FETCH_TIMEOUT_S:g}s")
