@@ -28,6 +28,10 @@ class SpecArchive:
     def _name(digest: str) -> str:
         return f"spec-{digest}"
 
+    def archived(self, mode: CompiledMode) -> bool:
+        """True when `ensure(mode)` has nothing to write (a set lookup: the transport asks on the loop)."""
+        return mode.source_text is None or mode.digest in self._known
+
     def ensure(self, mode: CompiledMode) -> str:
         """Archive `mode`'s spec text if this digest was never archived. Returns the digest to record."""
         digest = mode.digest

@@ -14,7 +14,7 @@ from ..kernel.engine import Outcome
 from ..specs.hooks.common import is_blank
 from ..vocabulary.errors import Kind, MacpError, StatusError
 from ..vocabulary.session import OPEN
-from .commit import commit
+from .commit import commit, durable
 from .convert import (
     created_event,
     error_ack,
@@ -25,7 +25,7 @@ from .convert import (
     signal_response,
 )
 from .loop import Doorbell
-from .status import abort, abort_status_error, on_lag
+from .status import abort, abort_status_error, error_status, on_lag
 from .watch import watch
 
 log = logging.getLogger("macp_runtime.service")
@@ -59,11 +59,13 @@ class MessageHandler:
             if mtype == "Signal" or mtype == "Progress":
                 outcome = await self.ambient(env, identity)
             else:
-                call = engine.start_session if is_start else engine.process_message
-                if t.offload.blocking:
-                    outcome = await commit(t, env.session_id, call, env, identity)
-                else:   # the memory store never blocks: no coroutine, no thread
-                    outcome = call(env, identity)
+                if not t.offload.blocking:   # the memory store never blocks: no coroutine, no thread
+                    outcome = (engine.start_session if is_start else engine.process_message)(env, identity)
+                elif is_start:
+                    outcome = await commit(t, env.session_id, engine.start_session, env, identity,
+                                           starts_mode=env.mode)
+                else:
+                    outcome = await commit(t, env.session_id, engine.process_message, env, identity)
         except MacpError as exc:
             t.admission.rejected_log.info("message rejected", {
                 "code": exc.code, "error": exc.message, "message_type": env.message_type, "mode": env.mode,
@@ -142,6 +144,7 @@ class SessionHandler:
             session = await t.offload(t.engine.get_session, request.session_id, identity)
         except StatusError as exc:
             await abort_status_error(context, t.engine.profile, exc)
+        await _durable_states(t, context, (session,))
         return core_pb2.GetSessionResponse(metadata=session_metadata(session))
 
     async def CancelSession(self, request, context):
@@ -181,11 +184,13 @@ class SessionHandler:
                                             profile.list_sessions_max_page_size)
             except paging.PageError as exc:
                 await abort(context, profile, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_REQUEST")
+            await _durable_states(t, context, chosen)
             return core_pb2.ListSessionsResponse(sessions=[session_metadata(s) for s in chosen],
                                                  next_page_token=token)
         if request.page_size < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
         if request.page_size == 0 and not request.page_token:
+            await _durable_states(t, context, sessions)
             return core_pb2.ListSessionsResponse(sessions=[session_metadata(s) for s in sessions])
         sessions.sort(key=lambda s: (s.started_at_ms, s.session_id))
         if request.page_token:
@@ -196,6 +201,7 @@ class SessionHandler:
         size = min(request.page_size, MAX_PAGE_SIZE) if request.page_size else len(sessions)
         page = sessions[:size]
         token = _page_token(page[-1]) if len(sessions) > size else ""
+        await _durable_states(t, context, page)
         return core_pb2.ListSessionsResponse(sessions=[session_metadata(s) for s in page], next_page_token=token)
 
     async def WatchSessions(self, request, context):
@@ -223,6 +229,22 @@ class SessionHandler:
                 yield frame
         finally:
             t.admission.streams.release(identity)
+
+
+async def _durable_states(t, context, sessions) -> None:
+    """Deferred commit moves a session's state on before its record is durable: what GetSession and
+    ListSessions show waits until it is (and is then built before the handler's next await). A
+    failed write answers INTERNAL, as a Send would."""
+    pending = t.engine.pending
+    while True:
+        waiting = [s.session_id for s in sessions if pending(s.session_id) is not None]
+        if not waiting:
+            return
+        for session_id in waiting:
+            error = await durable(t, session_id)
+            if error is not None:
+                exc = MacpError(Kind.StorageFailed, detail=str(error))
+                await abort(context, t.engine.profile, *error_status(exc), exc.code)
 
 
 def _once_created(synced: set):

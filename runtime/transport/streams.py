@@ -294,7 +294,7 @@ class StreamHandler:
             stream.subscribed = True
         try:
             if is_start:
-                await commit(t, session_id, engine.start_session, env, identity)
+                await commit(t, session_id, engine.start_session, env, identity, starts_mode=env.mode)
             elif env.message_type == "Progress":
                 await t.messages.ambient(env, identity)
             else:
