@@ -178,7 +178,8 @@ def _structural(error, root: dict) -> list[tuple[list, str, Any]]:
         missing = [k for k in error.validator_value if k not in inst]
         return [(path, f"missing required key {k!r}", None) for k in missing]
     if v == "type":
-        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        types: list[str] = (error.validator_value if isinstance(error.validator_value, list)
+                            else [error.validator_value])
         return [(path, f"must be {' or '.join(_TYPE_WORDS.get(t, t) for t in types)}", None)]
     if v == "enum" and path and path[-1] == "reject":
         return [(path, f"unknown rejection {inst!r}{suggest(inst, error.validator_value)}", None)]

@@ -55,7 +55,7 @@ import time
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
-from typing import Iterator
+from typing import Iterator, cast
 
 from .base import RecoveryReport, StorageError, Store, is_terminal_checkpoint, private_dirs, starts_incarnation
 from .records_pb2 import LogRecord
@@ -545,7 +545,7 @@ class FileLogStore(Store):
                     self._cond.wait(wait if wait > 0 else None)
             if last.error is not None:
                 raise last.error
-            return [e.index for e in entries]
+            return cast("list[int]", [e.index for e in entries])   # all set: `last` is, and they share its batch
 
     def append_deferred(self, record: LogRecord, done) -> None:
         """Queue one record without waiting: `done(index, error)` is called (from the thread that

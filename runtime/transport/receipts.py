@@ -61,8 +61,8 @@ class ReceiptHandler:
         # attests a Commitment and a replay reads the log, so both wait until it is durable.
         error = await _durable(t, request.session_id)
         if error is not None:
-            exc = MacpError(Kind.StorageFailed, detail=str(error))
-            await abort(context, profile, *error_status(exc), exc.code)
+            failure = MacpError(Kind.StorageFailed, detail=str(error))
+            await abort(context, profile, *error_status(failure), failure.code)
         return session
 
     async def GetDecisionReceipt(self, request, context):
