@@ -48,10 +48,13 @@ def add_connection(p: argparse.ArgumentParser) -> None:
                    help="extra spec directories, to decode payloads of user-defined modes")
 
 
-def command(sub, name: str, help_text: str, example: str, func) -> argparse.ArgumentParser:
-    """A subcommand that talks to a server: the connection flags, --json, --specs-dir, an example."""
+def command(sub, name: str, help_text: str, example: str, func, session: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that talks to a server: the connection flags, --json, --specs-dir, an example; `session`:
+    it names one session (the positional SESSION_ID)."""
     p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    if session:
+        p.add_argument("session_id", metavar="SESSION_ID", help="the session's id")
     add_connection(p)
     p.set_defaults(func=func)
     return p

@@ -31,14 +31,12 @@ def register(sub) -> None:
     command(ssub, "list", "list the sessions the server holds in memory",
             "macp-runtime sessions list --target 127.0.0.1:50051", sessions_list)
     p = command(ssub, "show", "one session's metadata and its accepted history, payloads decoded",
-                "macp-runtime sessions show 0b6e…-… --token alice", sessions_show)
-    p.add_argument("session_id")
+                "macp-runtime sessions show 0b6e…-… --token alice", sessions_show, session=True)
     p.add_argument("--idle", type=float, default=0.5, help="stop reading history after this many idle seconds")
     command(ssub, "watch", "follow session lifecycle events (created, resolved, expired, ...) until Ctrl-C",
             "macp-runtime sessions watch --json", sessions_watch)
     p = command(ssub, "tail", "follow one session's envelopes live (passive subscribe), payloads decoded",
-                "macp-runtime sessions tail 0b6e…-… --after 0 --token alice", sessions_tail)
-    p.add_argument("session_id")
+                "macp-runtime sessions tail 0b6e…-… --after 0 --token alice", sessions_tail, session=True)
     p.add_argument("--after", type=int, default=0, help="replay history from this log index first (default 0)")
 
     modes = sub.add_parser("modes", help="list the modes a running server serves",

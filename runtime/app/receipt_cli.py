@@ -29,13 +29,13 @@ _VERDICT_EXIT = {"attested": 0}
 
 def register(sub, sessions_sub, policies_sub) -> None:
     p = command(sessions_sub, "receipt", "a resolved session's decision receipt, verified against the server's keys",
-                "macp-runtime sessions receipt 0b6e…-… --token alice --out receipt.json", sessions_receipt)
-    p.add_argument("session_id")
+                "macp-runtime sessions receipt 0b6e…-… --token alice --out receipt.json", sessions_receipt,
+                session=True)
     p.add_argument("--out", metavar="FILE", help="also save the receipt exactly as served (for `receipts verify`)")
     p = command(policies_sub, "what-if", "re-judge a session's recorded history under another policy "
                 "(nothing changes on the server)",
-                "macp-runtime policies what-if 0b6e…-… policy.std.unanimous --token alice", policies_what_if)
-    p.add_argument("session_id")
+                "macp-runtime policies what-if 0b6e…-… policy.std.unanimous --token alice", policies_what_if,
+                session=True)
     p.add_argument("policy", help="a registered policy id, or @FILE holding a policy descriptor as JSON")
 
     receipts = sub.add_parser("receipts", help="verify saved decision receipts; rotate the receipt signing key",
