@@ -9,9 +9,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from typing import TYPE_CHECKING
 
 from ..errors import StartupError
 from ..options import parse_bind_addr
+
+if TYPE_CHECKING:   # aiohttp and the hub load when the console starts, not with the daemon
+    from aiohttp import web
+
+    from .events import Hub
 
 log = logging.getLogger("macp_runtime.console")
 
@@ -25,9 +31,9 @@ class ConsoleServer:
         self.engine = engine
         self.authenticator = authenticator
         self.url = ""
-        self._runner = None
-        self._hub = None
-        self._pool = None
+        self._runner: web.AppRunner | None = None
+        self._hub: Hub | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def start(self) -> str:
         """Serve on the running loop. Returns the URL. Raises OSError when the address is unusable."""
@@ -39,23 +45,23 @@ class ConsoleServer:
 
         loop = asyncio.get_running_loop()
         view = ConsoleView(self.engine, self.authenticator)
-        self._hub = Hub(self.engine, view, loop)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="console")
-        self._runner = web.AppRunner(make_app(view, self._hub, self._pool), access_log=None,
-                                     handle_signals=False, shutdown_timeout=1.0,
-                                     handler_cancellation=True)   # a closed tab ends its stream at once
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        self._hub = hub = Hub(self.engine, view, loop)
+        self._pool = pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="console")
+        self._runner = runner = web.AppRunner(make_app(view, hub, pool), access_log=None,
+                                              handle_signals=False, shutdown_timeout=1.0,
+                                              handler_cancellation=True)   # a closed tab ends its stream at once
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         try:
             await site.start()
         except OSError:
-            await self._runner.cleanup()
-            self._pool.shutdown(wait=False)
+            await runner.cleanup()
+            pool.shutdown(wait=False)
             raise
-        port = self._runner.addresses[0][1] if self._runner.addresses else self.port
+        port = runner.addresses[0][1] if runner.addresses else self.port
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{port}/"
-        self._hub.start_bridges()
+        hub.start_bridges()
         return self.url
 
     async def stop(self) -> None:

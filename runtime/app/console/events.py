@@ -127,6 +127,8 @@ class Hub:
             index, env = item[2], item[3]
             rec_like = _EnvelopeEntry(env, item[7])
             entry = entry_dict(session.compiled, index, rec_like)
+            if entry is None:   # not an envelope nor a runtime entry: nothing the pages show
+                return
             entry["phase"] = item[4]
             row["last_activity_ms"] = max(row["last_activity_ms"], entry["received_at_ms"] or 0)
             data = sse("envelope", {"session": row, "entry": entry})

@@ -142,6 +142,7 @@ class ConsoleView:
     def session(self, session_id: str, identity: Identity) -> dict:
         session = self._visible(session_id, identity)
         compiled = session.compiled
+        history_error: str | None
         try:
             records = self.engine.store.history(session_id)
         except StorageError as exc:
