@@ -89,16 +89,16 @@ def accepted_frame(item: Accepted) -> bytes:
     return wire
 
 
-def history_frame(record) -> _StreamResponse:
+def history_frame(record) -> core_pb2.StreamSessionResponse:
     """A history entry as subscribers see it (runtime.md §7.2 step 6)."""
     return _StreamResponse(envelope=record_envelope(record))
 
 
-def inline_error(message: str, session_id: str, details: bytes = b"") -> _StreamResponse:
+def inline_error(message: str, session_id: str, details: bytes = b"") -> core_pb2.StreamSessionResponse:
     return _StreamResponse(error=_MACPError(code=message, message=message, session_id=session_id, details=details))
 
 
-def inline_macp_error(exc: MacpError, session_id: str, message_id: str, profile) -> _StreamResponse:
+def inline_macp_error(exc: MacpError, session_id: str, message_id: str, profile) -> core_pb2.StreamSessionResponse:
     """current.md §8.4: an inline frame carries what the Ack's error would (registry code, display
     message, the rejected envelope's ids, the same details)."""
     ack = error_ack(exc, message_id, session_id, profile)

@@ -2,6 +2,8 @@
 imports grpc: the kernel raises MacpError(kind) / StatusError(name) and only this module names codes."""
 from __future__ import annotations
 
+from typing import NoReturn
+
 import grpc
 
 from ..vocabulary.errors import NOT_FOUND, PERMISSION_DENIED, Kind, MacpError, StatusError
@@ -52,11 +54,13 @@ def status_of(exc: StatusError) -> grpc.StatusCode:
 
 
 async def abort(context, profile, status: grpc.StatusCode, message: str, macp_code: str | None = None,
-                details: bytes = b"") -> None:
+                details: bytes = b"") -> NoReturn:
     """End the call with `status`; under the `current` profile with the macp-error-code trailer
-    (and macp-error-details-bin when there are details), current.md §3.2."""
+    (and macp-error-details-bin when there are details), current.md §3.2. Never returns: grpc.aio's
+    `abort` raises."""
     trailers = profile.trailers(macp_code, details) if profile is not None else ()
     await context.abort(status, message, trailing_metadata=trailers)
+    raise AssertionError("grpc.aio's ServicerContext.abort returned")   # documented to raise, always
 
 
 def on_lag(context, profile, stream_name: str, what: str):
@@ -70,5 +74,5 @@ def on_lag(context, profile, stream_name: str, what: str):
     return lagged
 
 
-async def abort_status_error(context, profile, exc: StatusError) -> None:
+async def abort_status_error(context, profile, exc: StatusError) -> NoReturn:
     await abort(context, profile, status_of(exc), exc.message, exc.macp_code)
