@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What pure judging costs (issue 13 point 2): the mode state copied lazily along the paths hooks touch
-(codegen.compiler.StateCopy / ListCopy: each container shallow-copied in C when first reached) before
+(kernel.interpreter.StateCopy / ListCopy: each container shallow-copied in C when first reached) before
 effects run.
 
 Drives the kernel in-process (memory store, no transport) with the decision mode: per session a
@@ -20,8 +20,8 @@ import uuid
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
+from macp_runtime.kernel import interpreter
 from macp_runtime.kernel.auth import Identity
-from macp_runtime.codegen import compiler
 from macp_runtime.kernel.engine import Engine
 from macp_runtime.registries.modes import ModeRegistry
 from macp_runtime.registries.policies import PolicyRegistry
@@ -58,10 +58,10 @@ def workload(engine, sessions: int, proposals: int) -> int:
 
 
 def run(copy: bool, sessions: int, proposals: int) -> float:
-    original = compiler.copy_state, compiler.StateCopy
+    original = interpreter.copy_state, interpreter.StateCopy
     if not copy:   # effects straight on the live state, as before pure judging
-        compiler.copy_state = lambda state: state
-        compiler.StateCopy = lambda state, txn: state
+        interpreter.copy_state = lambda state: state
+        interpreter.StateCopy = lambda state, txn: state
     try:
         store = MemoryStore()
         store.open()
@@ -70,7 +70,7 @@ def run(copy: bool, sessions: int, proposals: int) -> float:
         n = workload(engine, sessions, proposals)
         return (time.perf_counter() - t0) / n * 1e6
     finally:
-        compiler.copy_state, compiler.StateCopy = original
+        interpreter.copy_state, interpreter.StateCopy = original
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def main() -> None:
              "objections": [], "votes": {"p0": {"alice": {"vote": "APPROVE"}, "bob": {"vote": "APPROVE"}}}}
     t0 = time.perf_counter()
     for _ in range(20_000):
-        compiler.copy_state(state)
+        interpreter.copy_state(state)
     print(f"  a full deep copy of the final state would cost: {(time.perf_counter() - t0) / 20_000 * 1e6:.1f} us "
           f"(a message copies only the containers its hooks reach)")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 from ..specs.hooks.contract import PARAM_TYPES, USES, signature_of
-from .compiler import HOOKS_PACKAGE, hook_module_names, module_hooks
+from .hooks import HOOKS_PACKAGE, hook_module_names, module_hooks
 
 # The modules a YAML-only spec uses; the others belong to one built-in mode each.
 GENERAL_MODULES = ("generic", "common")

@@ -18,7 +18,9 @@ import jinja2
 from google.protobuf.descriptor import FieldDescriptor
 
 from ..specs import SPECS_DIR
-from .compiler import CompiledMode, _message_class, hook_text
+from .hooks import hook_text
+from .model import CompiledMode
+from .payloads import message_class
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
@@ -90,7 +92,7 @@ PAYLOAD_TEXT = {
 def _fields(type_name: str) -> list[dict]:
     if type_name.startswith("hook:") or type_name in PAYLOAD_TEXT:
         return []
-    cls = _message_class(type_name)
+    cls = message_class(type_name)
     out = []
     for f in cls.DESCRIPTOR.fields:
         if f.type == FieldDescriptor.TYPE_MESSAGE:

@@ -13,9 +13,10 @@ import glob
 import os
 
 from ..specs import SPECS_DIR
-from .compiler import CompiledMode, compile_spec
+from .compiler import compile_spec
 from .errors import SpecError
 from .loader import LineDict, load_spec_file
+from .model import CompiledMode
 
 
 @dataclasses.dataclass

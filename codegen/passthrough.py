@@ -36,8 +36,9 @@ import os
 from macp.v1 import core_pb2
 
 from ..specs import SPECS_DIR
-from .compiler import CompiledMode, compile_spec
+from .compiler import compile_spec
 from .loader import load_spec_file
+from .model import CompiledMode
 
 TEMPLATE = os.path.join(SPECS_DIR, "templates", "passthrough.yaml")
 COMMITMENT = "Commitment"

@@ -1,7 +1,7 @@
 """The session kernel: knows sessions, dedup, TTLs, the commit point and error codes — no mode.
 
-Every mode decision is delegated to the session's CompiledMode (`evaluate` judges without changing
-anything, `apply` changes state after the record is durable). Sessions are serialised by their own
+Every mode decision is delegated to the interpreter (interpreter.py) running the session's CompiledMode
+(`evaluate` judges without changing anything, `apply` changes state after the record is durable). Sessions are serialised by their own
 lock; the session table lock is held only for lookups and inserts, never across a disk write.
 
 Everything that watches the kernel is fed from here, after the commit point and under the session's
@@ -35,7 +35,7 @@ from ..storage.records_pb2 import ENTRY_KIND_CHECKPOINT
 from ..vocabulary.broadcast import Broadcaster
 from ..vocabulary.errors import NOT_FOUND, PERMISSION_DENIED, Kind, MacpError, StatusError
 from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session, now_ms
-from . import access
+from . import access, interpreter
 from .auth import Identity
 from .checkpoints import Checkpointer, checkpoint_record
 from .checkpoints import restore as restore_checkpoint
@@ -315,7 +315,7 @@ class Engine:
                 session.mode_version = compiled.version   # current.md §5.2 (non-strict extensions only)
             session.semantics_rev = prof.semantics_rev
             session.suspend_cap_ms = suspend_cap_ms or prof.suspend_cap(start.max_suspend_ms)
-            compiled.check_start(session)
+            interpreter.check_start(compiled, session)
         except Reject as exc:
             raise _mode_error(exc) from None
         except Exception as exc:   # a start or initial-state hook failed: refused, nothing written
@@ -355,7 +355,8 @@ class Engine:
             if reserved is not None and env.message_id.startswith(reserved):
                 raise MacpError(Kind.InvalidEnvelope, detail=f"message ids starting {reserved!r} are the runtime's")
             synthesize = profiles.synthesizer(session.semantics_rev, session.mode)
-            if synthesize is not None and session.compiled.may_send(session, identity.sender, env.message_type):
+            if synthesize is not None and interpreter.may_send(session.compiled, session, identity.sender,
+                                                               env.message_type):
                 # after the trigger's authorisation, before its validation (current.md §12.4)
                 for synthetic in synthesize(session, now):
                     if synthetic.message_id not in session.seen:
@@ -364,13 +365,13 @@ class Engine:
         sender = identity.sender
         session.accepted_at_ms = now
         try:
-            plan = compiled.evaluate(session, sender, env.message_type, env.payload, env.timestamp_unix_ms)
+            plan = interpreter.evaluate(compiled, session, sender, env.message_type, env.payload, env.timestamp_unix_ms)
         except Reject as exc:
             raise _mode_error(exc) from None
         self._append(session, _incoming(env, sender, now))  # the commit point
         session.seen.add(env.message_id)
         session.note_activity(sender, now)
-        resolution = compiled.apply(session, plan)
+        resolution = interpreter.apply(session, plan)
         if resolution is not None:
             _resolve(session, resolution, env.message_type, env.payload, now)
             self._terminal(session)
@@ -411,8 +412,8 @@ class Engine:
         session.runtime_message = True
         session.accepted_at_ms = env.timestamp_unix_ms
         try:
-            plan = session.compiled.evaluate(session, env.sender, env.message_type, env.payload,
-                                             env.timestamp_unix_ms)
+            plan = interpreter.evaluate(session.compiled, session, env.sender, env.message_type, env.payload,
+                                        env.timestamp_unix_ms)
         except Reject as exc:
             log.error("session %s: the runtime's %s %r was refused: %s", session.session_id, env.message_type,
                       env.message_id, exc)
@@ -421,7 +422,7 @@ class Engine:
             session.runtime_message = False
         self._append(session, _incoming(env, env.sender, env.timestamp_unix_ms))
         session.seen.add(env.message_id)
-        session.compiled.apply(session, plan)
+        interpreter.apply(session, plan)
         self._publish(session, env)
 
     # --- lookups and session RPCs ----------------------------------------------------------------
@@ -1239,7 +1240,8 @@ class Engine:
             if session.semantics_rev else None
         session.runtime_message = runtime_written = bool(reserved and rec.message_id.startswith(reserved))
         try:
-            plan = session.compiled.evaluate(session, rec.sender, rec.message_type, rec.payload, rec.timestamp_unix_ms)
+            plan = interpreter.evaluate(session.compiled, session, rec.sender, rec.message_type, rec.payload,
+                                        rec.timestamp_unix_ms)
         finally:
             session.runtime_message = False
         return plan, runtime_written
@@ -1249,7 +1251,6 @@ class Engine:
         record another instance appended (`strict=False`: it is durable whatever this instance thinks)."""
         if rec.kind == ENTRY_KIND_INCOMING:
             if session.status == OPEN:
-                compiled = session.compiled
                 try:
                     plan, runtime_written = self.judge_logged(session, rec)
                 except Reject as exc:
@@ -1261,7 +1262,7 @@ class Engine:
                     return
                 if not runtime_written:
                     session.note_activity(rec.sender, rec.received_at_ms)
-                resolution = compiled.apply(session, plan)
+                resolution = interpreter.apply(session, plan)
                 if resolution is not None:
                     _resolve(session, resolution, rec.message_type, rec.payload, rec.received_at_ms)
             session.seen.add(rec.message_id)

@@ -2,7 +2,7 @@
 a candidate governance policy, beside the same history judged under the policy it was bound to.
 
 Both replays run the session's accepted envelopes, in log order, through the compiled mode the
-session started with (`CompiledMode.evaluate` judges, `apply` changes a scratch Session) — the same
+session started with (the interpreter's `evaluate` judges, `apply` changes a scratch Session) — the same
 code that judged them live, so this is a replay, not a second implementation of the rules. They use
 the recorded senders and clocks, apply the recorded lifecycle records (suspend, resume, cancel, TTL
 expiry) where they stand, and touch nothing: no store, no registry, no broadcast, no metrics; the real
@@ -25,6 +25,7 @@ from ..storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL
 from ..storage.base import is_terminal_checkpoint
 from ..vocabulary.errors import Kind, MacpError
 from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session
+from . import interpreter
 from .checkpoints import read_snapshot
 
 Kinds = policy_pb2.WhatIfEntryOutcome
@@ -137,7 +138,7 @@ def _replay(engine, records, policy: BoundPolicy, recorded_id: str) -> tuple[lis
             session.seen.add(rec.message_id)
             if not runtime_written:
                 session.note_activity(rec.sender, rec.received_at_ms)
-            resolution = session.compiled.apply(session, plan)
+            resolution = interpreter.apply(session, plan)
             if resolution is not None:
                 session.resolution = resolution
                 session.status = RESOLVED

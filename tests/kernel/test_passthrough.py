@@ -17,6 +17,7 @@ from macp_runtime.kernel.auth import Identity
 from macp_runtime.codegen import compile_spec, load_modes, load_spec_text
 from macp_runtime.codegen.errors import SpecError
 from macp_runtime.codegen.passthrough import allowed_message_types, compile_passthrough
+from macp_runtime.kernel import interpreter
 from macp_runtime.kernel.engine import Engine
 from macp_runtime.vocabulary.errors import MacpError
 from macp_runtime.registries.modes import ModeRegistry
@@ -273,9 +274,9 @@ def test_unlisted_accept_compiles_and_runs():
     assert mode.unlisted_transitions["Open"].message == "<unlisted>"
     session = type("S", (), {})()
     session.phase, session.state, session.initiator = "Open", {}, "i"
-    plan = mode.evaluate(session, "x", "Whatever", b"raw", NOW)
+    plan = interpreter.evaluate(mode, session, "x", "Whatever", b"raw", NOW)
     assert plan.ctx.payload == b"raw"
-    assert mode.apply(session, plan) is None
+    assert interpreter.apply(session, plan) is None
     assert session.state == {"payload_base64": base64.b64encode(b"raw").decode()} and session.phase == "Open"
 
 

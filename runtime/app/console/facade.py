@@ -15,6 +15,7 @@ import threading
 from google.protobuf import json_format
 from macp.v1 import core_pb2, envelope_pb2
 
+from ...kernel import interpreter
 from ...kernel.auth import Identity
 from ...specs.hooks.context import Reject
 from ...storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, StorageError
@@ -279,9 +280,10 @@ def phase_trail(session: Session, records) -> dict[int, str]:
         rec = records[index]
         if rec.kind == ENTRY_KIND_INCOMING and scratch.status == OPEN:
             try:
-                plan = compiled.evaluate(scratch, rec.sender, rec.message_type, rec.payload, rec.timestamp_unix_ms)
+                plan = interpreter.evaluate(compiled, scratch, rec.sender, rec.message_type, rec.payload,
+                                            rec.timestamp_unix_ms)
                 scratch.note_activity(rec.sender, rec.received_at_ms)
-                if compiled.apply(scratch, plan) is not None:
+                if interpreter.apply(scratch, plan) is not None:
                     scratch.status = RESOLVED   # terminal: nothing after it moves the phase
             except Reject:
                 return trail
