@@ -18,11 +18,7 @@ PACKAGE = "macp_runtime"
 
 # Known cycles that other work removes, each as the set of its modules. A listed cycle that no longer
 # exists is reported (not fatal): drop its entry then.
-ALLOWED: list[frozenset[str]] = [
-    # MACP_POLICIES_DRY_RUN validates against a scratch PolicyRegistry (a call-time import); the registries
-    # clean-up of issue 13 point 6 removes it (pyproject.toml lists the same import as a layers exception)
-    frozenset({"macp_runtime.registries.policies", "macp_runtime.registries.policy_admission"}),
-]
+ALLOWED: list[frozenset[str]] = []
 
 
 def strongly_connected(graph) -> list[list[str]]:

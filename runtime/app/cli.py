@@ -237,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(cfg.log_level, cfg.log_json)
     if cfg.policies_dry_run:
-        from ..registries.policy_admission import dry_run
+        from ..registries.policy_files import dry_run
         from ..registries.profile import get
 
-        return dry_run(cfg.policies_dir, get(cfg.protocol_profile))
+        return dry_run(cfg.policies_dir, get(cfg.protocol_profile), cfg.specs_dirs)
     from .server import serve
 
     return serve(cfg)

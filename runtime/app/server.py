@@ -45,10 +45,10 @@ SHUTDOWN_GRACE_S = 10.0
 GIL_SWITCH_S = 0.0005   # measured: durable 2x4 ratio 0.59 at 0.5 ms against 0.44 at the default 5 ms
 
 
-def _file_loaded_policies(directory: str, prof) -> PolicyRegistry:
-    from ..registries.policy_admission import load_dir
+def _file_loaded_policies(directory: str, prof, modes) -> PolicyRegistry:
+    from ..registries.policy_files import load_dir
 
-    policies = PolicyRegistry(None, prof)
+    policies = PolicyRegistry(None, prof, modes)
     try:
         results = load_dir(policies, directory)
     except OSError as exc:
@@ -139,9 +139,9 @@ class Runtime:
 
         try:  # policies first: replay must not depend on them, but new sessions bind against them
             if cfg.policies_dir:   # file-loaded and read-only (current.md §11.3), before recovery
-                policies = _file_loaded_policies(cfg.policies_dir, prof)
+                policies = _file_loaded_policies(cfg.policies_dir, prof, modes)
             else:
-                policies = PolicyRegistry(documents(), prof)
+                policies = PolicyRegistry(documents(), prof, modes)
         except StorageError as exc:
             raise StartupError(f"cannot load the policy registry: {exc}") from None
         try:  # registered and promoted modes before replay: their sessions replay through them

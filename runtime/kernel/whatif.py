@@ -17,8 +17,6 @@ import json
 
 from macp.v1 import policy_pb2
 
-from ..registries.policies import parse_json
-from ..registries.policy_admission import admission_error
 from ..specs.hooks.context import Reject
 from ..specs.hooks.policy_rules import BoundPolicy
 from ..storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL
@@ -45,13 +43,13 @@ class WhatIfError(Exception):
 
 # --- candidate admission (§15.2 step 6) --------------------------------------------------------------
 
-def admit_candidate(candidate, session_mode: str) -> BoundPolicy:
+def admit_candidate(candidate, session_mode: str, policies) -> BoundPolicy:
     """The candidate descriptor checked like a registration (RegisterPolicy's admission of the
     current line) without the id-level checks — reserved and taken ids do not apply to a descriptor
     that is never registered — then bound like a SessionStart would bind it. Raises
     WhatIfError(INVALID_POLICY_DEFINITION)."""
-    error, rules = admission_error(candidate.policy_id, candidate.mode, candidate.rules, candidate.schema_version,
-                                   parse_json, registering=False)
+    error, rules = policies.admit(candidate.policy_id, candidate.mode, candidate.rules, candidate.schema_version,
+                                  registering=False)
     if error is not None:
         raise _invalid(error)
     if candidate.mode != "*" and candidate.mode != session_mode:
@@ -194,7 +192,7 @@ def compacted_base(engine, session_id: str) -> int:
 
 def what_if(engine, session: Session, candidate) -> policy_pb2.WhatIfReplayResponse:
     """§15.2 steps 6–7 and §15.3 for a session the caller may read (steps 1–5 are the transport's)."""
-    bound = admit_candidate(candidate, session.mode)
+    bound = admit_candidate(candidate, session.mode, engine.policies)
     records = engine.complete_history(session)
     if records is None:
         base = compacted_base(engine, session.session_id)

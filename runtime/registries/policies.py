@@ -1,7 +1,9 @@
 """The governance policy registry (modes.md §10): registration, lookup, listing, watching, binding.
 
 * `register` validates in the exact order and with the exact texts of modes.md §10.3; rule objects
-  are type-checked with the per-mode schemas of `specs/hooks/policy_rules.py`.
+  are type-checked with the rule schema the target mode's spec declares (`policy_rules`, compiled by
+  codegen/rule_schema.py): the registry's modes are asked, so a mode registered or loaded from a spec
+  directory brings its own schema. The current line admits with policy_admission.py.
 * `rules` text that is not valid JSON is silently replaced by `{}` (§10.1). "Valid" means what the
   reference's JSON parser accepts: no NaN/Infinity, no numbers out of the f64 range, no lone
   surrogates; integers beyond the 64-bit range become floats, `-0` becomes the float `-0.0`.
@@ -15,21 +17,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import threading
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+from ..codegen import load_modes
 from ..specs.hooks.common import is_blank
 from ..specs.hooks.policy_rules import (
     COMMITMENT_SCHEMA,
-    DECISION_SCHEMA,
     DEFAULT_POLICY_ID,
-    HANDOFF_SCHEMA,
-    PROPOSAL_SCHEMA,
-    QUORUM_SCHEMA,
-    TASK_SCHEMA,
     BoundPolicy,
     RuleTypeError,
     default_policy,
@@ -38,22 +37,17 @@ from ..specs.hooks.policy_rules import (
 from ..storage.base import StorageError
 from ..vocabulary.broadcast import Broadcaster, Subscription
 from ..vocabulary.errors import Kind, MacpError
+from .policy_admission import admission_error, std_profiles, union_schema
 
 DOCUMENT = "policies"
 DOCUMENT_FORMAT = 1
 WATCH_CAPACITY = 16
 MAX_JSON_DEPTH = 127   # nesting beyond this is refused by the parser (treated like invalid JSON)
 
-# §10.3 step 5: the schema a rule object is type-checked against, by target mode.
-REGISTRATION_SCHEMAS = {
-    "*": DECISION_SCHEMA,
-    "macp.mode.decision.v1": DECISION_SCHEMA,
-    "macp.mode.proposal.v1": PROPOSAL_SCHEMA,
-    "macp.mode.task.v1": TASK_SCHEMA,
-    "macp.mode.handoff.v1": HANDOFF_SCHEMA,
-    "macp.mode.quorum.v1": QUORUM_SCHEMA,
-}
-_DECISION_CHECKED = ("*", "macp.mode.decision.v1")
+# v0.4.0 checks a `*` policy as a policy of this mode (§10.3 step 5); the current line takes the union of
+# the standards-track modes' schemas (policy_admission.py). The reserved governance profiles are Decision
+# policies on both lines.
+DECISION_MODE = "macp.mode.decision.v1"
 
 _I64_MIN = -(2**63)
 _U64_MAX = 2**64 - 1
@@ -198,8 +192,9 @@ def _emit(value: Any, out: list[str]) -> None:
 
 # --- validation (§10.3) ------------------------------------------------------------------------
 
-def validation_error(policy_id: str, mode: str, rules: Any, schema_version: int) -> str | None:
-    """The §10.3 error text for steps 1–8 (the duplicate check is the registry's), or None."""
+def validation_error(policy_id: str, mode: str, rules: Any, schema_version: int, schema: dict | None) -> str | None:
+    """The §10.3 error text for steps 1–8 (the duplicate check is the registry's), or None. `schema` is
+    the rule schema of `mode` (None: the rules are not type-checked)."""
     if is_blank(policy_id):
         return "policy_id must not be empty"
     if policy_id == DEFAULT_POLICY_ID:
@@ -208,18 +203,17 @@ def validation_error(policy_id: str, mode: str, rules: Any, schema_version: int)
         return "schema_version must be > 0"
     if not isinstance(rules, dict):
         return "rules must be a JSON object"
-    schema = REGISTRATION_SCHEMAS.get(mode)
-    parsed = None
+    parsed: dict = {}
     if schema is not None:
         try:
             parsed = parse_group(schema, rules)
         except RuleTypeError as exc:
             return f"rules do not match schema for mode '{mode}': {exc}"
-    if mode in _DECISION_CHECKED:
-        voting = parsed["voting"]
-        if voting["algorithm"] == "weighted" and not voting["weights"]:
+    voting = parsed.get("voting")
+    if isinstance(voting, dict):   # the Decision voting group's constraints, wherever a schema has it
+        if voting.get("algorithm") == "weighted" and not voting.get("weights"):
             return "voting.algorithm 'weighted' requires non-empty voting.weights"
-        if voting["algorithm"] == "supermajority" and not voting["threshold"] > 0.5:
+        if voting.get("algorithm") == "supermajority" and not voting.get("threshold", 0.5) > 0.5:
             return "voting.algorithm 'supermajority' requires voting.threshold > 0.5"
     try:
         commitment = parse_group(COMMITMENT_SCHEMA, rules["commitment"], "rules.commitment") \
@@ -234,21 +228,38 @@ def validation_error(policy_id: str, mode: str, rules: Any, schema_version: int)
 
 # --- the registry ------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
+def _spec_file_modes(spec_dirs: tuple[str, ...]) -> dict:
+    return {m.name: m for m in load_modes(list(spec_dirs))}
+
+
+class _SpecFileModes:
+    """The modes of the spec files of a profile, for a registry built without a mode registry."""
+
+    def __init__(self, profile):
+        self._modes = _spec_file_modes(tuple(profile.spec_dirs()) if profile is not None else ())
+        self.names = sorted(self._modes)
+
+    def get(self, name: str):
+        return self._modes.get(name)
+
+
 class PolicyRegistry:
     """Policies by id. `documents` (from `storage.open_documents`) makes registrations durable;
-    without it (in-process tests) the registry lives in memory only."""
+    without it (in-process tests) the registry lives in memory only. `modes` (the mode registry:
+    `get(name)` and `names`) answers which rule schema a mode's policies follow; without it, the
+    profile's spec files do."""
 
-    def __init__(self, documents=None, profile=None):
+    def __init__(self, documents=None, profile=None, modes=None):
         self._lock = threading.Lock()
         self._documents = documents
+        self._modes = modes if modes is not None else _SpecFileModes(profile)
         # The current line (runtime/profile.py) admits with runtime/policy_admission.py and lists the
         # three RFC-MACP-0012 §5.2 governance profiles beside policy.default; v0.4.0 as documented above.
         self._current = profile is not None and profile.semantics_rev >= 4
         self.read_only = False   # MACP_POLICIES_DIR: Register/UnregisterPolicy refused (REGISTRY_READ_ONLY)
         self._builtin: dict[str, BoundPolicy] = {DEFAULT_POLICY_ID: default_policy()}
         if self._current:
-            from .policy_admission import std_profiles
-
             self._builtin.update((p.policy_id, p) for p in std_profiles())
         self._policies: dict[str, BoundPolicy] = dict(self._builtin)
         self._texts: dict[str, tuple[BoundPolicy, str]] = {}   # canonical rules text, per policy object
@@ -365,12 +376,10 @@ class PolicyRegistry:
             return (f"description must be at most {MAX_DESCRIPTION} characters and rules at most "
                     f"{MAX_RULES_BYTES} bytes")
         if self._current:
-            from .policy_admission import admission_error
-
-            error, rules = admission_error(policy_id, mode, rules_text, schema_version, parse_json)
+            error, rules = self.admit(policy_id, mode, rules_text, schema_version)
         else:
             rules = parse_rules_text(rules_text)
-            error = validation_error(policy_id, mode, rules, schema_version)
+            error = validation_error(policy_id, mode, rules, schema_version, self.rule_schema(mode))
         if error is not None:
             return error
         policy = BoundPolicy(policy_id, mode, description, rules, schema_version)
@@ -383,6 +392,25 @@ class PolicyRegistry:
             self._policies = updated
             self.changes.publish(self.list())
         return None
+
+    def rule_schema(self, mode: str) -> dict | None:
+        """The rule schema a policy for `mode` is checked against: the one the mode's spec declares; for
+        `*` the Decision mode's (v0.4.0) or the union of every standards-track mode's (current)."""
+        if mode == "*":
+            if not self._current:
+                return self.rule_schema(DECISION_MODE)
+            modes = [self._modes.get(name) for name in self._modes.names]
+            return union_schema(m.policy_schema for m in modes
+                                if m is not None and m.standards_track and m.policy_schema is not None)
+        compiled = self._modes.get(mode)
+        return compiled.policy_schema if compiled is not None else None
+
+    def admit(self, policy_id: str, mode: str, rules_text: str, schema_version: int, *,
+              registering: bool = True) -> tuple[str | None, dict | None]:
+        """The current line's admission (policy_admission.py): (error text or None, the parsed rules).
+        `registering=False`: a WhatIfReplay candidate, never registered (no reserved-id checks)."""
+        return admission_error(policy_id, mode, rules_text, schema_version, parse_json, self.rule_schema(mode),
+                               self.rule_schema(DECISION_MODE), registering=registering)
 
     def unregister(self, policy_id: str) -> str | None:
         """Remove a policy. Returns the §10.4 error text, or None. Sessions keep their bound copy."""

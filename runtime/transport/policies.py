@@ -28,7 +28,7 @@ class PolicyHandler:
     async def _refuse_if_read_only(self, context) -> None:
         """current.md §11.3: before authentication."""
         if self.t.engine.policies.read_only:
-            from ..registries.policy_admission import READ_ONLY
+            from ..registries.policy_files import READ_ONLY
             await abort(context, self.t.engine.profile, grpc.StatusCode.FAILED_PRECONDITION, READ_ONLY,
                         "REGISTRY_READ_ONLY")
 

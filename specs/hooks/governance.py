@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import math
 
+from . import policy_rules as v1
 from .context import HookContext
 from .policy_rules import (
-    COMMITMENT_SCHEMA,
-    HANDOFF_SCHEMA,
-    PROPOSAL_SCHEMA,
-    QUORUM_SCHEMA,
-    TASK_SCHEMA,
     U32_MAX,
     BoundPolicy,
     RuleTypeError,
@@ -41,26 +37,23 @@ class Denial(str):
         return self
 
 
-# Decision rules of schema versions 1–3: v0.4.0's keys plus the two version-2 keys, which are read
-# whatever version a descriptor declares (current.md §13.1).
+# The rule schemas of the current line, named by the specs in `specs/current/` (`policy_rules`): the
+# v0.4.0 groups of policy_rules.py plus what §13.1–§13.2 change. RegisterPolicy checks rules against
+# them, closed at every level (runtime/registries/policy_admission.py).
+#
+# Decision, schema versions 1–3: v0.4.0's keys plus the two version-2 keys, which are read whatever
+# version a descriptor declares (current.md §13.1).
 DECISION_SCHEMA = {
-    "voting": {
-        "algorithm": ("str", "none"),
-        "threshold": ("num", 0.5),
-        "quorum": {"type": ("str", "count"), "value": ("num", 0.0)},
-        "weights": (("map", "num"), {}),
-    },
-    "objection_handling": {
-        "critical_severity_vetoes": ("bool", False),
-        "veto_threshold": ("u32", 1),
-        "critical_objection_action": ("str", "deny"),
-    },
-    "evaluation": {
-        "required_before_voting": ("bool", False),
-        "minimum_confidence": ("num", 0.0),
-    },
-    "commitment": {**COMMITMENT_SCHEMA, "allow_decline_over_approval": ("bool", False)},
+    **v1.DECISION_SCHEMA,
+    "objection_handling": {**v1.DECISION_SCHEMA["objection_handling"], "critical_objection_action": ("str", "deny")},
+    "commitment": {**v1.COMMITMENT_SCHEMA, "allow_decline_over_approval": ("bool", False)},
 }
+# The other four modes' `commitment` group: `authority` and `designated_roles` only (§13.2 row 9).
+COMMITMENT_SCHEMA = {key: v1.COMMITMENT_SCHEMA[key] for key in ("authority", "designated_roles")}
+PROPOSAL_SCHEMA = {**v1.PROPOSAL_SCHEMA, "commitment": COMMITMENT_SCHEMA}
+TASK_SCHEMA = {**v1.TASK_SCHEMA, "commitment": COMMITMENT_SCHEMA}
+HANDOFF_SCHEMA = {**v1.HANDOFF_SCHEMA, "commitment": COMMITMENT_SCHEMA}
+QUORUM_SCHEMA = {**v1.QUORUM_SCHEMA, "commitment": COMMITMENT_SCHEMA}
 
 
 def _preamble(policy: BoundPolicy | None, schema: dict) -> tuple[dict | None, list]:

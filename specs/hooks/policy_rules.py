@@ -32,7 +32,9 @@ def _type_name(value: Any) -> str:
     return "map"
 
 
-def _check(kind: Any, value: Any, where: str) -> Any:
+def check_kind(kind: Any, value: Any, where: str) -> Any:
+    """`value` checked against a rule type (str, bool, num, u32, u64, [type], ("map", type) or a nested
+    schema); num values come back as floats. Raises RuleTypeError."""
     if kind == "str":
         if not isinstance(value, str):
             raise RuleTypeError(f"invalid type: {_type_name(value)}, expected a string at {where}")
@@ -53,11 +55,11 @@ def _check(kind: Any, value: Any, where: str) -> Any:
     if isinstance(kind, list):
         if not isinstance(value, list):
             raise RuleTypeError(f"invalid type: {_type_name(value)}, expected a sequence at {where}")
-        return [_check(kind[0], item, where) for item in value]
+        return [check_kind(kind[0], item, where) for item in value]
     if isinstance(kind, tuple) and kind[0] == "map":
         if not isinstance(value, dict):
             raise RuleTypeError(f"invalid type: {_type_name(value)}, expected a map at {where}")
-        return {k: _check(kind[1], v, where) for k, v in value.items()}
+        return {k: check_kind(kind[1], v, where) for k, v in value.items()}
     if isinstance(kind, dict):
         return parse_group(kind, value, where)
     raise AssertionError(kind)
@@ -74,17 +76,17 @@ def parse_group(schema: dict, value: Any, where: str = "rules") -> dict:
             out[key] = parse_group(spec, value[key], path) if key in value else parse_group(spec, {}, path)
         else:
             kind, default = spec
-            out[key] = _check(kind, value[key], path) if key in value else default
+            out[key] = check_kind(kind, value[key], path) if key in value else default
     return out
 
 
-COMMITMENT_SCHEMA = {
+COMMITMENT_SCHEMA: dict[str, Any] = {
     "authority": ("str", "initiator_only"),
     "designated_roles": (["str"], []),
     "require_vote_quorum": ("bool", False),
 }
 
-DECISION_SCHEMA = {
+DECISION_SCHEMA: dict[str, Any] = {
     "voting": {
         "algorithm": ("str", "none"),
         "threshold": ("num", 0.5),
@@ -103,26 +105,26 @@ DECISION_SCHEMA = {
 }
 
 
-PROPOSAL_SCHEMA = {
+PROPOSAL_SCHEMA: dict[str, Any] = {
     "acceptance": {"criterion": ("str", "all_parties")},
     "counter_proposal": {"max_rounds": ("u64", 0)},
     "rejection": {"terminal_on_any_reject": ("bool", False)},
     "commitment": COMMITMENT_SCHEMA,
 }
 
-TASK_SCHEMA = {
+TASK_SCHEMA: dict[str, Any] = {
     "assignment": {"allow_reassignment_on_reject": ("bool", False)},
     "completion": {"require_output": ("bool", False)},
     "commitment": COMMITMENT_SCHEMA,
 }
 
-HANDOFF_SCHEMA = {
+HANDOFF_SCHEMA: dict[str, Any] = {
     "acceptance": {"implicit_accept_timeout_ms": ("u64", 0)},
     "commitment": COMMITMENT_SCHEMA,
 }
 
 # JSON key is `type` (a `threshold_type` key is unknown and ignored).
-QUORUM_SCHEMA = {
+QUORUM_SCHEMA: dict[str, Any] = {
     "threshold": {"type": ("str", "n_of_m"), "value": ("num", 0.0)},
     "abstention": {"counts_toward_quorum": ("bool", False), "interpretation": ("str", "neutral")},
     "commitment": COMMITMENT_SCHEMA,
