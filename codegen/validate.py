@@ -98,20 +98,12 @@ _TYPE_WORDS = {"string": "a string", "array": "a list", "object": "a mapping", "
                "number": "a number", "boolean": "true or false", "null": "empty"}
 
 
+_JSON_TYPES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "array"),
+               (dict, "object"))   # bool first: a bool is an int too
+
+
 def _json_type(value) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), "null")
 
 
 def _branch_types(schemas: list, root: dict) -> list[str]:

@@ -12,7 +12,6 @@ Every successful change is announced on `changes` (WatchModeRegistry, capacity 1
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -27,6 +26,7 @@ from ..specs import SPECS_DIR
 from ..specs.hooks.common import is_blank
 from ..vocabulary.broadcast import Broadcaster
 from ..vocabulary.session import now_ms
+from .documents import shared_change
 
 log = logging.getLogger("macp_runtime.modes")
 
@@ -124,19 +124,7 @@ class ModeRegistry:
         self._refresh()
 
     def _shared_change(self):
-        """Shared documents (several instances): the change is one transaction under the document's
-        lock, made against the registry as stored now, not as this instance last saw it."""
-        locked = getattr(self._documents, "locked", None)
-        if locked is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(locked(DOCUMENT))
-        try:
-            self._reload_locked()
-        except BaseException:
-            stack.close()
-            raise
-        return stack
+        return shared_change(self._documents, DOCUMENT, self._reload_locked)
 
     def reload(self) -> None:
         """Another instance changed the shared registry: read it again and tell the watchers."""

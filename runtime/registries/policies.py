@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -37,6 +36,7 @@ from ..specs.hooks.policy_rules import (
 from ..storage.base import StorageError
 from ..vocabulary.broadcast import Broadcaster, Subscription
 from ..vocabulary.errors import Kind, MacpError
+from .documents import shared_change
 from .policy_admission import admission_error, std_profiles, union_schema
 
 DOCUMENT = "policies"
@@ -289,20 +289,11 @@ class PolicyRegistry:
             raise StorageError(f"the stored policy registry is damaged: {exc}") from None
 
     def _shared_change(self):
-        """Shared documents (several instances): the change is one transaction under the document's
-        lock, made against the document as it is now, not as this instance last saw it."""
-        locked = getattr(self._documents, "locked", None)
-        if locked is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(locked(DOCUMENT))
-        try:
+        def reload() -> None:
             self._policies = dict(self._builtin)
             self._load()
-        except BaseException:
-            stack.close()
-            raise
-        return stack
+
+        return shared_change(self._documents, DOCUMENT, reload)
 
     def reload(self) -> None:
         """Another instance changed the shared registry: read it again and tell the watchers."""

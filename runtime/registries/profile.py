@@ -193,27 +193,40 @@ class Profile:
         return [os.path.join(SPECS_DIR, self.spec_overlay)] if self.spec_overlay else []
 
 
+# What each line sets, side by side: field -> (v0.4.0, current).
+_LINES: dict[str, tuple] = {
+    "semantics_rev": (0, 4),
+    "runtime_version": ("0.4.0", "0.9.0"),
+    "spec_overlay": (None, "current"),
+    "error_trailer": (False, True),
+    "structured_denials": (False, True),
+    "refusal_reasons": (False, True),
+    "empty_roster_modes": (frozenset(), frozenset({"macp.mode.decision.v1"})),   # RFC-MACP-0007 1.3.0 §2
+    "session_id_rule": ("a 36-byte id with `-` must be a lowercase UUID v4/v7; else base64url, 22+ chars",
+                        "only UUID-shaped ids must be lowercase v4/v7; else base64url, 22-128 chars"),
+    "honour_max_suspend_ms": (False, True),
+    "roots_list_changed": (True, False),
+    "paged_list_sessions": (False, True),
+    "signals_need_auth": (False, True),
+    "lag_is_error": (False, True),
+    "stream_inline_errors": (False, True),
+    "after_sequence_ordinals": (False, True),
+    "progress_shape_strict": (False, True),
+    "request_ceiling": (False, True),
+    "evict_cancelled": (False, True),
+    "ext_mode_commitment_only": (False, True),
+    "bind_descriptor_mode_version": (False, True),
+    "created_once": (False, True),
+    "resume_records_remaining_ttl": (False, True),
+}
+
+
 def v040() -> Profile:
-    return Profile(name="v0.4.0", semantics_rev=0, runtime_version="0.4.0", spec_overlay=None,
-                   error_trailer=False, structured_denials=False, empty_roster_modes=frozenset(),
-                   session_id_rule="a 36-byte id with `-` must be a lowercase UUID v4/v7; else base64url, 22+ chars",
-                   honour_max_suspend_ms=False, roots_list_changed=True,
-                   paged_list_sessions=False, signals_need_auth=False, lag_is_error=False,
-                   stream_inline_errors=False, after_sequence_ordinals=False, progress_shape_strict=False,
-                   request_ceiling=False, evict_cancelled=False, ext_mode_commitment_only=False,
-                   bind_descriptor_mode_version=False, created_once=False, resume_records_remaining_ttl=False)
+    return Profile(name="v0.4.0", **{field: values[0] for field, values in _LINES.items()})
 
 
 def current() -> Profile:
-    return Profile(name="current", semantics_rev=4, runtime_version="0.9.0", spec_overlay="current",
-                   error_trailer=True, structured_denials=True, refusal_reasons=True,
-                   empty_roster_modes=frozenset({"macp.mode.decision.v1"}),   # RFC-MACP-0007 1.3.0 §2
-                   session_id_rule="only UUID-shaped ids must be lowercase v4/v7; else base64url, 22-128 chars",
-                   honour_max_suspend_ms=True, roots_list_changed=False,
-                   paged_list_sessions=True, signals_need_auth=True, lag_is_error=True,
-                   stream_inline_errors=True, after_sequence_ordinals=True, progress_shape_strict=True,
-                   request_ceiling=True, evict_cancelled=True, ext_mode_commitment_only=True,
-                   bind_descriptor_mode_version=True, created_once=True, resume_records_remaining_ttl=True)
+    return Profile(name="current", **{field: values[1] for field, values in _LINES.items()})
 
 
 PROFILES = {"current": current, "v0.4.0": v040}

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 from .common import is_blank
 from .context import HookContext
-from .policy_rules import DECISION_SCHEMA, format_quorum_value, quorum_met, unsupported_schema_reasons
+from .policy_rules import (
+    DECISION_SCHEMA,
+    evaluation_shortfall,
+    format_quorum_value,
+    quorum_met,
+    unsupported_schema_reasons,
+)
 
 RECOMMENDATIONS = frozenset({"APPROVE", "REVIEW", "BLOCK", "REJECT"})
 VOTES = frozenset({"APPROVE", "REJECT", "ABSTAIN"})
@@ -98,16 +104,9 @@ def decision_policy(ctx: HookContext) -> list[str]:
     state = ctx.state
     participants = len(ctx.session.participants)
 
-    ev_rules = rules["evaluation"]
-    qualifying = [e for e in state["evaluations"] if e["recommendation"] != "REVIEW"]
-    if ev_rules["required_before_voting"]:
-        minimum = ev_rules["minimum_confidence"]
-        if minimum > 0:
-            if not any(e["confidence"] >= minimum for e in qualifying):
-                reasons.append(f"no qualifying evaluation meets minimum confidence threshold: {minimum:.2f}")
-        elif not qualifying:
-            reasons.append(
-                "evaluations required before voting but none provided (REVIEW evaluations are informational only)")
+    shortfall = evaluation_shortfall(rules["evaluation"], state["evaluations"])
+    if shortfall is not None:
+        reasons.append(shortfall[0])
 
     veto = rules["objection_handling"]
     if veto["critical_severity_vetoes"]:

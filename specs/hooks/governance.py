@@ -16,6 +16,7 @@ from .policy_rules import (
     U32_MAX,
     BoundPolicy,
     RuleTypeError,
+    evaluation_shortfall,
     format_quorum_value,
     parse_group,
     quorum_met,
@@ -116,17 +117,9 @@ def decision_policy(ctx: HookContext) -> list:
                 veto_reason = Denial(f"blocked by {n} blocking objection(s) (veto threshold: {t})", "veto", objectors)
 
     # 2. evaluations
-    ev = rules["evaluation"]
-    qualifying = [e for e in state["evaluations"] if e["recommendation"] != "REVIEW"]
-    if ev["required_before_voting"]:
-        minimum = ev["minimum_confidence"]
-        if minimum > 0:
-            if not any(e["confidence"] >= minimum for e in qualifying):
-                reasons.append(Denial(f"no qualifying evaluation meets minimum confidence threshold: {minimum:.2f}",
-                                      "confidence_below_minimum"))
-        elif not qualifying:
-            reasons.append(Denial("evaluations required before voting but none provided (REVIEW evaluations are "
-                                  "informational only)", "evaluation_required"))
+    shortfall = evaluation_shortfall(rules["evaluation"], state["evaluations"])
+    if shortfall is not None:
+        reasons.append(Denial(*shortfall))
     # 3. the veto reason
     if veto_reason is not None:
         reasons.append(veto_reason)

@@ -68,13 +68,19 @@ def converged(ctx: HookContext) -> bool:
 
 # --- effects ---------------------------------------------------------------------------------------
 
-def record_contribution(ctx: HookContext) -> None:
+def _store_contribution(ctx: HookContext) -> dict:
+    """Keep the sender's value (a changed or first value starts a new round); the contributions."""
     state = ctx.state
     contributions = state["contributions"]
-    value = ctx.payload
-    if ctx.sender not in contributions or contributions[ctx.sender] != value:
+    if ctx.sender not in contributions or contributions[ctx.sender] != ctx.payload:
         state["round"] += 1
-        contributions[ctx.sender] = value
+        contributions[ctx.sender] = ctx.payload
+    return contributions
+
+
+def record_contribution(ctx: HookContext) -> None:
+    contributions = _store_contribution(ctx)
+    state = ctx.state
     if all(p in contributions for p in state["participants"]) and len(set(contributions.values())) <= 1:
         state["converged"] = True
 

@@ -244,6 +244,23 @@ def quorum_met(kind: str, value: float, voters: int, participants: int) -> bool:
     return voters >= value
 
 
+def evaluation_shortfall(rule: dict, evaluations) -> tuple[str, str] | None:
+    """The Decision `evaluation` group unmet by the session's evaluations (REVIEW ones are
+    informational): (the reason, its deny code), or None."""
+    if not rule["required_before_voting"]:
+        return None
+    qualifying = [e for e in evaluations if e["recommendation"] != "REVIEW"]
+    minimum = rule["minimum_confidence"]
+    if minimum > 0:
+        if not any(e["confidence"] >= minimum for e in qualifying):
+            return (f"no qualifying evaluation meets minimum confidence threshold: {minimum:.2f}",
+                    "confidence_below_minimum")
+    elif not qualifying:
+        return ("evaluations required before voting but none provided (REVIEW evaluations are informational only)",
+                "evaluation_required")
+    return None
+
+
 def rules_for(policy: BoundPolicy | None, schema: dict) -> dict:
     """A mode's view of the bound policy: its rule object parsed for `schema` (defaults without a policy)."""
     if policy is None:

@@ -163,12 +163,8 @@ def decode_contribution(raw: bytes) -> str:
 def record_contribution(ctx: HookContext) -> None:
     """Converged when every participant other than the initiator has contributed and all stored
     values (the initiator's included, if it chose to contribute) are equal."""
+    contributions = multi_round_hooks._store_contribution(ctx)
     state = ctx.state
-    contributions = state["contributions"]
-    value = ctx.payload
-    if ctx.sender not in contributions or contributions[ctx.sender] != value:
-        state["round"] += 1
-        contributions[ctx.sender] = value
     initiator = ctx.session.initiator
     required = [p for p in state["participants"] if p != initiator]
     if contributions and all(p in contributions for p in required) and len(set(contributions.values())) <= 1:
