@@ -10,6 +10,7 @@ before the gRPC drain. Pass them to `serve(cfg, services=[...])` / `run(cfg, ser
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -42,6 +43,10 @@ from .tls import TlsError, server_credentials
 log = logging.getLogger("macp_runtime.server")
 
 SHUTDOWN_GRACE_S = 10.0
+# The collector's young generation: Python collects it every 700 container allocations by default;
+# one RPC through grpc.aio allocates dozens, so it ran every few calls. Measured (sessions workload,
+# memory store, 2x32, 10 s): 4.5 % of the server's CPU in collections at the default, 1.9 % at 10,000.
+GC_YOUNG_THRESHOLD = 10_000
 GIL_SWITCH_S = 0.0005   # measured: durable 2x4 ratio 0.59 at 0.5 ms against 0.44 at the default 5 ms
 
 
@@ -300,6 +305,7 @@ async def run(cfg: Config, services=()) -> int:
         log.error("start-up failed: %s", exc)
         await runtime.stop(grace=0)
         return 1
+    gc.freeze()   # what start-up built (specs, registries, recovered sessions) lives on: no collection scans it
     loop = asyncio.get_running_loop()
 
     def on_signal(signum):
@@ -318,4 +324,5 @@ def serve(cfg: Config, services=()) -> int:
     # those waits up to 5 ms for the loop to let go, which is what a Send waits for at low
     # concurrency; a shorter interval hands the GIL over sooner (sys.setswitchinterval is public API).
     sys.setswitchinterval(GIL_SWITCH_S)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     return asyncio.run(run(cfg, services))

@@ -106,6 +106,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str = "info", as_json: bool = False) -> None:
+    # Neither format shows thread or process: records need not look them up (documented switches).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if as_json else HumanFormatter())
     root = logging.getLogger()

@@ -50,4 +50,6 @@ def clean(value: str, limit: int = LOG_VALUE_MAX) -> str:
     """Control characters escaped; longer than `limit` characters -> cut, with how much was cut."""
     if len(value) > limit:
         value = f"{value[:limit]}…(+{len(value) - limit} chars)"
+    if value.isprintable():   # no control character (every one _CONTROL matches is unprintable)
+        return value
     return _CONTROL.sub(_escape, value)
