@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import math
@@ -350,7 +351,7 @@ class PolicyRegistry:
         return [self.view(p) for p in sorted(policies, key=lambda p: p.policy_id)
                 if not mode or p.mode == mode or p.mode == "*"]
 
-    def watch(self, notify=None) -> tuple[list[PolicyView], Subscription]:
+    def watch(self, notify=None) -> tuple[builtins.list[PolicyView], Subscription]:   # `list` is a method here
         """The current list and a subscription to every later list, taken atomically."""
         with self._lock:
             return self.list(), self.changes.subscribe(notify)

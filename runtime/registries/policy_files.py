@@ -54,7 +54,7 @@ def load_dir(registry: PolicyRegistry, directory: str) -> list[tuple[str, str | 
     Returns [(file name, policy_id or None, "" or the problem)], stopping at the first problem."""
     if not os.path.isdir(directory):
         raise OSError(f"MACP_POLICIES_DIR {directory!r} is not a readable directory")
-    out = []
+    out: list[tuple[str, str | None, str]] = []
     for path, policy_id, problem, text in _register_each(registry, sorted(glob.glob(os.path.join(directory, "*.json")))):
         name = os.path.basename(path)
         if problem == "file":

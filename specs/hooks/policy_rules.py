@@ -146,7 +146,7 @@ class BoundPolicy:
         self.description = description
         self.rules = rules
         self.schema_version = schema_version
-        self._parsed: dict[int, dict] = {}
+        self._parsed: dict[int | tuple[str, int], dict] = {}   # by id(schema); ("strict", id) in governance
         self._json: str | None = None
 
     def parsed(self, schema: dict) -> dict:
