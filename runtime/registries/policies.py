@@ -144,6 +144,8 @@ def format_float(x: float) -> str:
         text = format(Decimal(repr(x)), "f")
         return text if "." in text else text + ".0"
     sign, digit_tuple, exponent = Decimal(repr(x)).as_tuple()
+    if not isinstance(exponent, int):   # "n", "N", "F": NaN or infinity, which JSON (and a policy) cannot hold
+        raise ValueError(f"not a finite number: {x!r}")
     digits = "".join(map(str, digit_tuple))
     sci_exponent = exponent + len(digits) - 1          # the exponent of the first digit
     digits = digits.rstrip("0") or "0"
