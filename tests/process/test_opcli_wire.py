@@ -91,9 +91,13 @@ def test_sessions_show_errors_are_reported(runtime_server):
 
 
 def test_sessions_watch_streams_lifecycle_events(runtime_server):
+    marker = decision_session(runtime_server.stub(), resolve=False)
     watch = Lines(runtime_server, "sessions", "watch", "--json")
     try:
-        time.sleep(1.0)   # let the watch subscribe before the session starts
+        # the watch has subscribed once its initial listing shows the marker (a fixed sleep raced the
+        # CLI's start-up on a loaded machine); only then does the session start
+        while json.loads(watch.next())["session"].get("session_id") != marker:
+            pass
         sid = decision_session(runtime_server.stub())
         events = []
         deadline = time.monotonic() + 20
