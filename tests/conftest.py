@@ -7,8 +7,11 @@ module whose behaviour is shared by both profiles sets `PROFILES = ("v0.4.0", "c
 only. The `protocol_profile` fixture names the profile of the module's server.
 
 Most tests talk to the server over gRPC exactly as a client would. `runtime_server` is shared by the
-tests of one module (sessions use fresh ids, so they do not interfere); tests that kill or restart
-the server use `server_factory` for servers of their own.
+tests of one module (sessions use fresh ids, so they do not interfere) and runs in-process
+(tests.support.inprocess: the daemon's own Runtime, its own Config, port 0). Tests that need servers of
+their own use `inprocess_factory` where a process adds nothing, and `server_factory` (a real
+`macp-runtime serve` process) to kill, signal or restart it, read its exit status or log, or configure
+what the runtime reads from the process environment (MACP_AUTH_*, MACP_RECEIPT_SIGNING_KEY).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import pytest
 
 from tests.support import ServerProcess
+from tests.support.inprocess import InProcessServer, shutdown
 
 # PostgreSQL for the multi-instance tests: a session fixture that starts a throw-away server.
 pytest_plugins = ["tests.support.pgkit"]
@@ -37,6 +41,25 @@ def server_factory(tmp_path):
         srv.kill()
 
 
+@pytest.fixture
+def inprocess_factory(tmp_path):
+    """`make(env=None, data_dir=None, start=True)`: an in-process server of the test's own."""
+    servers = []
+
+    def make(env: dict | None = None, data_dir: str | None = None, start: bool = True) -> InProcessServer:
+        srv = InProcessServer(data_dir or str(tmp_path / f"data{len(servers)}"), env)
+        servers.append(srv)
+        return srv.start() if start else srv
+
+    yield make
+    for srv in servers:
+        srv.kill()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutdown()   # the in-process servers' event loop
+
+
 def pytest_generate_tests(metafunc):
     profiles = getattr(metafunc.module, "PROFILES", None)
     if profiles and "protocol_profile" in metafunc.fixturenames:
@@ -52,7 +75,7 @@ def protocol_profile(request) -> str:
 
 @pytest.fixture(scope="module")
 def runtime_server(tmp_path_factory, protocol_profile):
-    srv = ServerProcess(str(tmp_path_factory.mktemp("shared") / "data"),
-                        {"MACP_PROTOCOL_PROFILE": protocol_profile}).start()
+    srv = InProcessServer(str(tmp_path_factory.mktemp("shared") / "data"),
+                          {"MACP_PROTOCOL_PROFILE": protocol_profile}).start()
     yield srv
     srv.kill()

@@ -40,8 +40,8 @@ def test_reflection_lists_the_service_in_dev_mode(runtime_server):
         assert resp.file_descriptor_response.file_descriptor_proto   # describe works without .proto files
 
 
-def test_reflection_can_be_switched_off(server_factory):
-    srv = server_factory(env={"MACP_MEMORY_ONLY": "1", "MACP_REFLECTION": "0"})
+def test_reflection_can_be_switched_off(inprocess_factory):
+    srv = inprocess_factory(env={"MACP_MEMORY_ONLY": "1", "MACP_REFLECTION": "0"})
     with pytest.raises(grpc.RpcError) as info:
         list_services(srv.target)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -1,4 +1,5 @@
-"""Servers for the tests: a real `macp-runtime serve` process on a free loopback port (`ServerProcess`)."""
+"""Servers for the tests: a real `macp-runtime serve` process on a free loopback port (`ServerProcess`);
+the in-process kind is in inprocess.py."""
 from __future__ import annotations
 
 import os
@@ -30,7 +31,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class _Client:
+    """The test's channel to a server (`target`), opened on first use and closed when the server stops."""
+
+    target = ""
+    _channel = None
+
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.target)
+        return self._channel
+
+    def stub(self) -> core_pb2_grpc.MACPRuntimeServiceStub:
+        return core_pb2_grpc.MACPRuntimeServiceStub(self.channel())
+
+    def _close_channel(self):
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+class ServerProcess(_Client):
     def __init__(self, data_dir: str, env: dict | None = None, args: list[str] | None = None):
         self.data_dir = data_dir
         self.extra_env = env or {}
@@ -72,19 +93,6 @@ class ServerProcess:
                 return fh.read()
         except OSError:
             return ""
-
-    def channel(self) -> grpc.Channel:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.target)
-        return self._channel
-
-    def stub(self) -> core_pb2_grpc.MACPRuntimeServiceStub:
-        return core_pb2_grpc.MACPRuntimeServiceStub(self.channel())
-
-    def _close_channel(self):
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash."""

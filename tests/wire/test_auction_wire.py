@@ -23,19 +23,19 @@ OPEN, RESOLVED = 1, 2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from tests.support import ServerProcess
+    from tests.support.inprocess import InProcessServer
 
     # the default profile, `current`, sends refusal reasons (v0.4.0 answers exactly as the reference: below)
-    srv = ServerProcess(str(tmp_path_factory.mktemp("auction") / "data"),
-                        env={"MACP_SPECS_DIR": SPECS, "MACP_PROTOCOL_PROFILE": "current"}).start()
+    srv = InProcessServer(str(tmp_path_factory.mktemp("auction") / "data"),
+                          env={"MACP_SPECS_DIR": SPECS, "MACP_PROTOCOL_PROFILE": "current"}).start()
     yield srv
     srv.kill()
 
 
 def test_under_v040_refusals_are_exactly_the_references(tmp_path):
-    from tests.support import ServerProcess
+    from tests.support.inprocess import InProcessServer
 
-    srv = ServerProcess(str(tmp_path / "data"), env={"MACP_SPECS_DIR": SPECS, "MACP_PROTOCOL_PROFILE": "v0.4.0"}).start()
+    srv = InProcessServer(str(tmp_path / "data"), env={"MACP_SPECS_DIR": SPECS, "MACP_PROTOCOL_PROFILE": "v0.4.0"}).start()
     try:
         a = Auction(srv.stub())
         assert a.send("ana", "Bid", js({"amount": 10})).ok

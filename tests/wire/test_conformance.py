@@ -35,7 +35,8 @@ from macp_runtime.registries.policies import PolicyRegistry
 from macp_runtime.registries import profile as profiles
 from macp_runtime.storage import MemoryStore
 
-from tests.support import ROOT, ServerProcess, envelope, send
+from tests.support import ROOT, envelope, send
+from tests.support.inprocess import InProcessServer
 
 FIXTURE_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "conformance"))
 FIXTURES = sorted(glob.glob(os.path.join(FIXTURE_DIR, "*.json")))
@@ -109,12 +110,12 @@ def fixture_params() -> list:
 @pytest.fixture(scope="module")
 def server_for(tmp_path_factory):
     """One server per protocol profile, started when first needed."""
-    servers: dict[str, ServerProcess] = {}
+    servers: dict[str, InProcessServer] = {}
 
-    def get(profile: str) -> ServerProcess:
+    def get(profile: str) -> InProcessServer:
         if profile not in servers:
-            servers[profile] = ServerProcess(str(tmp_path_factory.mktemp(profile) / "data"),
-                                             {"MACP_PROTOCOL_PROFILE": profile}).start()
+            servers[profile] = InProcessServer(str(tmp_path_factory.mktemp(profile) / "data"),
+                                               {"MACP_PROTOCOL_PROFILE": profile}).start()
         return servers[profile]
 
     yield get

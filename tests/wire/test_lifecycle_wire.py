@@ -172,8 +172,8 @@ def test_a_200ms_ttl_expires_lazily_on_lookup(stub):
     w.cancel()
 
 
-def test_the_background_sweep_expires_a_200ms_ttl_without_any_lookup(server_factory):
-    srv = server_factory(env={"MACP_MEMORY_ONLY": "1", **FAST_SWEEP})
+def test_the_background_sweep_expires_a_200ms_ttl_without_any_lookup(inprocess_factory):
+    srv = inprocess_factory(env={"MACP_MEMORY_ONLY": "1", **FAST_SWEEP})
     stub = srv.stub()
     w = watch(stub)
     sid = start(stub, ttl_ms=200)
@@ -240,8 +240,8 @@ def test_suspend_resume_authority_and_lookup(stub):
     assert (ack.ok, ack.error.code) == (False, "SESSION_NOT_OPEN")
 
 
-def test_a_suspended_session_does_not_expire_on_its_deadline_and_cancel_clears_it(server_factory):
-    srv = server_factory(env={"MACP_MEMORY_ONLY": "1", **FAST_SWEEP})
+def test_a_suspended_session_does_not_expire_on_its_deadline_and_cancel_clears_it(inprocess_factory):
+    srv = inprocess_factory(env={"MACP_MEMORY_ONLY": "1", **FAST_SWEEP})
     stub = srv.stub()
     sid = start(stub, ttl_ms=300)
     assert suspend(stub, sid).ok

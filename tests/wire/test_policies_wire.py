@@ -283,8 +283,8 @@ def test_list_filter_and_order(runtime_server):
 
 # --- WatchPolicies -------------------------------------------------------------------------------
 
-def test_watch_policies_initial_list_then_one_list_per_change(server_factory):
-    srv = server_factory()
+def test_watch_policies_initial_list_then_one_list_per_change(inprocess_factory):
+    srv = inprocess_factory()
     stub = srv.stub()
     call = stub.WatchPolicies(policy_pb2.WatchPoliciesRequest(), metadata=bearer("w"))   # any identity
     first = next(call)

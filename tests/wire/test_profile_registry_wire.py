@@ -11,15 +11,16 @@ import pytest
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2
 
-from tests.support import ServerProcess, bearer, envelope, new_session_id, send, start_payload
+from tests.support import bearer, envelope, new_session_id, send, start_payload
+from tests.support.inprocess import InProcessServer
 
 MODE = "macp.mode.decision.v1"
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    pair = {name: ServerProcess(str(tmp_path_factory.mktemp(name) / "data"),
-                                {"MACP_PROTOCOL_PROFILE": name, "MACP_MEMORY_ONLY": "1"}).start()
+    pair = {name: InProcessServer(str(tmp_path_factory.mktemp(name) / "data"),
+                                  {"MACP_PROTOCOL_PROFILE": name, "MACP_MEMORY_ONLY": "1"}).start()
             for name in ("current", "v0.4.0")}
     yield pair
     for srv in pair.values():
@@ -88,9 +89,9 @@ def test_cancelled_sessions_are_evicted_under_current(server_factory):
         srv.kill()
 
 
-def test_request_size_ceiling_is_the_payload_limit_plus_64_kib(server_factory):
-    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_MEMORY_ONLY": "1",
-                              "MACP_MAX_PAYLOAD_BYTES": "4194304"})
+def test_request_size_ceiling_is_the_payload_limit_plus_64_kib(inprocess_factory):
+    srv = inprocess_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_MEMORY_ONLY": "1",
+                                 "MACP_MAX_PAYLOAD_BYTES": "4194304"})
     stub = srv.stub()
     sid = new_session_id()
     assert send(stub, envelope(MODE, "SessionStart", sid, "coord", start_payload(["alice"]))).ok
@@ -129,13 +130,13 @@ def _policy_file(directory, name, **doc):
     (directory / name).write_text(json.dumps(full))
 
 
-def test_policies_dir_loads_read_only(server_factory, tmp_path):
+def test_policies_dir_loads_read_only(inprocess_factory, tmp_path):
     from macp.v1 import policy_pb2
     pdir = tmp_path / "policies"
     pdir.mkdir()
     _policy_file(pdir, "a.json", policy_id="file.a")
     _policy_file(pdir, "b.json", policy_id="file.b", mode="*", rules={})
-    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_POLICIES_DIR": str(pdir)})
+    srv = inprocess_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_POLICIES_DIR": str(pdir)})
     stub = srv.stub()
     ids = [d.policy_id for d in stub.ListPolicies(policy_pb2.ListPoliciesRequest(), metadata=bearer("a")).descriptors]
     assert "file.a" in ids and "file.b" in ids

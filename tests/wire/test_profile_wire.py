@@ -226,8 +226,8 @@ def test_watch_signals_needs_a_caller_and_attributes_the_sender(servers):
 
 
 @pytest.mark.parametrize("profile", ["current", "v0.4.0"])
-def test_a_lagging_signal_watcher(server_factory, profile):
-    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": profile, "MACP_MEMORY_ONLY": "1"})
+def test_a_lagging_signal_watcher(inprocess_factory, profile):
+    srv = inprocess_factory(env={"MACP_PROTOCOL_PROFILE": profile, "MACP_MEMORY_ONLY": "1"})
     stub = srv.stub()
     call = stub.WatchSignals(core_pb2.WatchSignalsRequest(), metadata=bearer("watcher"), timeout=60)
     first = envelope("", "Signal", "", "alice", core_pb2.SignalPayload(signal_type="ping"))
@@ -256,11 +256,11 @@ def test_a_lagging_signal_watcher(server_factory, profile):
 
 # --- ListSessions paging (current.md §10) -----------------------------------------------------------
 
-def test_list_sessions_pages_by_session_id(server_factory):
+def test_list_sessions_pages_by_session_id(inprocess_factory):
     import base64
 
-    srv = server_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_MEMORY_ONLY": "1",
-                              "MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE": "3", "MACP_LIST_SESSIONS_MAX_PAGE_SIZE": "4"})
+    srv = inprocess_factory(env={"MACP_PROTOCOL_PROFILE": "current", "MACP_MEMORY_ONLY": "1",
+                                 "MACP_LIST_SESSIONS_DEFAULT_PAGE_SIZE": "3", "MACP_LIST_SESSIONS_MAX_PAGE_SIZE": "4"})
     stub = srv.stub()
     ids = sorted(start(stub)[0] for _ in range(7))
     md = bearer("alice")
@@ -330,11 +330,11 @@ def test_a_timed_out_offer_is_accepted_by_a_recorded_runtime_handoff_accept(serv
     assert done.ok and done.session_state == RESOLVED
 
 
-def test_the_sweep_records_a_due_implicit_accept_without_a_trigger(server_factory):
+def test_the_sweep_records_a_due_implicit_accept_without_a_trigger(inprocess_factory):
     from macp.v1 import policy_pb2
     from tests.support.streamkit import Duplex
 
-    srv = server_factory(env={**CURRENT, "MACP_CLEANUP_INTERVAL_SECS": "0.1", "MACP_MEMORY_ONLY": "1"})
+    srv = inprocess_factory(env={**CURRENT, "MACP_CLEANUP_INTERVAL_SECS": "0.1", "MACP_MEMORY_ONLY": "1"})
     stub = srv.stub()
     assert stub.RegisterPolicy(policy_pb2.RegisterPolicyRequest(policy_descriptor=policy_pb2.PolicyDescriptor(
         policy_id="h.eager", mode=HANDOFF, rules=json.dumps({"acceptance": {"implicit_accept_timeout_ms": 200}}),
@@ -359,10 +359,10 @@ def test_the_implicit_accept_deadline_skips_suspended_time_only_before_it():
     assert deadline(1000, 300, [(1250, 1280), (1320, 1400)]) == 1410   # the second pause starts before 1330
 
 
-def test_a_pause_after_the_deadline_does_not_move_the_implicit_accept(server_factory):
+def test_a_pause_after_the_deadline_does_not_move_the_implicit_accept(inprocess_factory):
     from macp.v1 import policy_pb2
 
-    srv = server_factory(env={**CURRENT, "MACP_MEMORY_ONLY": "1"})
+    srv = inprocess_factory(env={**CURRENT, "MACP_MEMORY_ONLY": "1"})
     stub = srv.stub()
     assert stub.RegisterPolicy(policy_pb2.RegisterPolicyRequest(policy_descriptor=policy_pb2.PolicyDescriptor(
         policy_id="h.late", mode=HANDOFF, rules=json.dumps({"acceptance": {"implicit_accept_timeout_ms": 200}}),

@@ -79,8 +79,8 @@ def stub(runtime_server):
 
 
 @pytest.fixture
-def fresh(server_factory):
-    return server_factory(env={"MACP_MEMORY_ONLY": "1"}).stub()
+def fresh(inprocess_factory):
+    return inprocess_factory(env={"MACP_MEMORY_ONLY": "1"}).stub()
 
 
 def descriptor(mode, message_types=("SessionStart", "Ping", "Commitment"), mode_version="1.0.0",

@@ -159,8 +159,8 @@ def test_one_hundred_passive_subscribers_all_receive_every_envelope(stub):
         assert d.wait_end() == [] and d.status()[0] == grpc.StatusCode.OK
 
 
-def test_a_slow_subscriber_is_cut_off_while_the_others_continue(server_factory):
-    srv = server_factory(env={"MACP_MEMORY_ONLY": "1"})
+def test_a_slow_subscriber_is_cut_off_while_the_others_continue(inprocess_factory):
+    srv = inprocess_factory(env={"MACP_MEMORY_ONLY": "1"})
     stub = srv.stub()
     sid = start(stub, participants=("alice", "bob"))
     fast = Duplex(stub, "alice").subscribe(sid)
@@ -337,8 +337,8 @@ def test_a_stream_without_credentials_fails_before_any_frame(stub):
     terminated(d, grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
 
 
-def test_rate_limit_on_a_stream_terminates_it(server_factory):
-    srv = server_factory(env={"MACP_MEMORY_ONLY": "1", "MACP_MESSAGE_LIMIT_PER_MINUTE": "2"})
+def test_rate_limit_on_a_stream_terminates_it(inprocess_factory):
+    srv = inprocess_factory(env={"MACP_MEMORY_ONLY": "1", "MACP_MESSAGE_LIMIT_PER_MINUTE": "2"})
     stub = srv.stub()
     sid = start(stub, participants=("alice",))
     d = Duplex(stub, "alice")

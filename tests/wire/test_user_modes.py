@@ -15,9 +15,9 @@ OPEN, RESOLVED = 1, 2
 
 @pytest.fixture(scope="module")
 def user_server(tmp_path_factory):
-    from tests.support import ServerProcess
+    from tests.support.inprocess import InProcessServer
 
-    srv = ServerProcess(str(tmp_path_factory.mktemp("user") / "data"), env={"MACP_SPECS_DIR": SPECS}).start()
+    srv = InProcessServer(str(tmp_path_factory.mktemp("user") / "data"), env={"MACP_SPECS_DIR": SPECS}).start()
     yield srv
     srv.kill()
 

@@ -363,8 +363,8 @@ def test_task_under_a_require_output_candidate(runtime_server):
     assert [d.code for d in replayed.denials] == ["output_required"]
 
 
-def test_replays_count_against_the_callers_message_rate(server_factory):
-    srv = server_factory(env={**CURRENT, "MACP_MESSAGE_LIMIT_PER_MINUTE": "3"})
+def test_replays_count_against_the_callers_message_rate(inprocess_factory):
+    srv = inprocess_factory(env={**CURRENT, "MACP_MESSAGE_LIMIT_PER_MINUTE": "3"})
     stub = srv.stub()
     sid = new_session_id()
     assert all(a.ok for a in run_decision(stub, sid))   # bob sent one Vote of his three
@@ -410,13 +410,13 @@ def test_recorded_lifecycle_records_are_replayed_where_they_happened(runtime_ser
     assert all(e.recorded.kind == Kinds.KIND_APPLIED and e.recorded.state == OPEN for e in response.entries)
 
 
-def test_a_recorded_implicit_accept_is_replayed_as_the_record_it_is(server_factory):
+def test_a_recorded_implicit_accept_is_replayed_as_the_record_it_is(inprocess_factory):
     """current.md §15.3: a runtime-written implicit HandoffAccept is an entry like any other and is
     applied in both replays (no new synthetic accept is generated)."""
     from macp_sdk import HandoffSession
     from macp_sdk.policy import HandoffAcceptanceRules, build_handoff_policy
 
-    srv = server_factory(env=CURRENT)
+    srv = inprocess_factory(env=CURRENT)
     coord = AuthConfig.for_dev_agent("coord")
     policy = build_handoff_policy("handoff.implicit", "", acceptance=HandoffAcceptanceRules(
         implicit_accept_timeout_ms=300))
