@@ -43,10 +43,14 @@ def server_factory(tmp_path):
 
 @pytest.fixture
 def inprocess_factory(tmp_path):
-    """`make(env=None, data_dir=None, start=True)`: an in-process server of the test's own."""
+    """`make(env=None, data_dir=None, start=True)`: an in-process server of the test's own (command-line
+    flags are the CLI's: a server started with `args` is a process, `server_factory`)."""
     servers = []
 
-    def make(env: dict | None = None, data_dir: str | None = None, start: bool = True) -> InProcessServer:
+    def make(env: dict | None = None, args: list[str] | None = None, data_dir: str | None = None,
+             start: bool = True) -> InProcessServer:
+        if args:
+            raise ValueError(f"flags {args}: use server_factory")
         srv = InProcessServer(data_dir or str(tmp_path / f"data{len(servers)}"), env)
         servers.append(srv)
         return srv.start() if start else srv

@@ -27,6 +27,7 @@ from macp.modes.task.v1 import task_pb2
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
 from tests.support import ServerProcess, envelope, free_port, new_session_id, start_payload
+from tests.support.inprocess import InProcessServer
 from macp_runtime.kernel import auth
 
 DECISION = "macp.mode.decision.v1"
@@ -120,8 +121,8 @@ STATIC_TOKENS = [
 ]
 
 
-def _server(tmp_path_factory, env: dict) -> ServerProcess:
-    return ServerProcess(str(tmp_path_factory.mktemp("auth") / "data"), env).start()
+def _server(tmp_path_factory, env: dict) -> InProcessServer:
+    return InProcessServer(str(tmp_path_factory.mktemp("auth") / "data"), env).start()
 
 
 @pytest.fixture(scope="module")
@@ -530,9 +531,9 @@ def test_jwks_url_fetched_lazily_cached_and_refetched(server_factory):
         http_jwks.close()
 
 
-def test_jwks_url_unreachable_rejects_jwts(server_factory):
-    srv = server_factory(env={"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_URL": "http://127.0.0.1:9/none",
-                              "MACP_AUTH_TOKENS_JSON": json.dumps([{"token": "t1", "sender": "static-one"}])})
+def test_jwks_url_unreachable_rejects_jwts(inprocess_factory):
+    srv = inprocess_factory(env={"MACP_AUTH_ISSUER": ISSUER, "MACP_AUTH_JWKS_URL": "http://127.0.0.1:9/none",
+                                 "MACP_AUTH_TOKENS_JSON": json.dumps([{"token": "t1", "sender": "static-one"}])})
     stub = srv.stub()
     assert whoami(stub, bearer(mint())) is None
     assert whoami(stub, bearer("t1")) == "static-one"

@@ -61,8 +61,8 @@ def shots(tmp_path):
 
 
 @pytest.fixture
-def server(server_factory):
-    return console_server(server_factory)
+def server(inprocess_factory):
+    return console_server(inprocess_factory)
 
 
 @pytest.fixture
@@ -111,10 +111,10 @@ def test_signed_out_visitor_sees_only_the_sign_in_form(browser, server, page, sh
     assert not page.errors
 
 
-def test_refused_credential_stays_on_the_form(browser, server_factory, page):
+def test_refused_credential_stays_on_the_form(browser, inprocess_factory, page):
     import json
 
-    srv = console_server(server_factory, env={"MACP_AUTH_TOKENS_JSON": json.dumps(
+    srv = console_server(inprocess_factory, env={"MACP_AUTH_TOKENS_JSON": json.dumps(
         [{"token": "tok-alice", "sender": "alice"}])})
     page.goto(srv.console + "/")
     page.fill("#token", "wrong")

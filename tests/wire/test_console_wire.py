@@ -23,13 +23,18 @@ STATIC_TOKENS = [
 
 
 @pytest.fixture
-def dev(server_factory):
+def dev(inprocess_factory):
+    return console_server(inprocess_factory)
+
+
+@pytest.fixture
+def dev_process(server_factory):
     return console_server(server_factory)
 
 
 @pytest.fixture
-def static(server_factory):
-    return console_server(server_factory, env={"MACP_AUTH_TOKENS_JSON": json.dumps(STATIC_TOKENS)})
+def static(inprocess_factory):
+    return console_server(inprocess_factory, env={"MACP_AUTH_TOKENS_JSON": json.dumps(STATIC_TOKENS)})
 
 
 def _static_send(srv):
@@ -292,7 +297,8 @@ def test_console_address_in_use_stops_start_up(server_factory):
     assert "cannot serve the console" in proc.stderr
 
 
-def test_shutdown_ends_event_streams_and_exits_zero(dev):
+def test_shutdown_ends_event_streams_and_exits_zero(dev_process):
+    dev = dev_process   # a real process: the exit status is part of the point
     stream = EventStream(dev.console_port, "alice")
     try:
         stream.next({"ready"})

@@ -184,8 +184,8 @@ def test_policy_rpcs_need_authentication(stub, call, request_):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_register_and_unregister_need_can_manage_mode_registry(server_factory):
-    srv = server_factory(env={"MACP_AUTH_TOKENS_JSON": json.dumps([
+def test_register_and_unregister_need_can_manage_mode_registry(inprocess_factory):
+    srv = inprocess_factory(env={"MACP_AUTH_TOKENS_JSON": json.dumps([
         {"token": "tok-admin", "sender": "admin", "can_manage_mode_registry": True},
         {"token": "tok-user", "sender": "user"},
     ])})

@@ -164,10 +164,10 @@ def test_register_needs_a_descriptor_and_an_identity(stub):
         assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated")
 
 
-def test_registry_changes_need_the_capability(server_factory):
+def test_registry_changes_need_the_capability(inprocess_factory):
     tokens = [{"token": "t-admin", "sender": "admin", "can_manage_mode_registry": True},
               {"token": "t-user", "sender": "user"}]
-    stub = server_factory(env={"MACP_MEMORY_ONLY": "1", "MACP_AUTH_TOKENS_JSON": json.dumps(tokens)}).stub()
+    stub = inprocess_factory(env={"MACP_MEMORY_ONLY": "1", "MACP_AUTH_TOKENS_JSON": json.dumps(tokens)}).stub()
     for rpc, req in ((stub.RegisterExtMode, core_pb2.RegisterExtModeRequest(mode_descriptor=descriptor("ext.a.v1"))),
                      (stub.UnregisterExtMode, core_pb2.UnregisterExtModeRequest(mode="ext.a.v1")),
                      (stub.PromoteMode, core_pb2.PromoteModeRequest(mode="ext.a.v1"))):

@@ -392,7 +392,7 @@ def test_watches_end_when_the_server_stops(server_factory):
     channel.close()
 
 
-def test_capabilities_on_streams(server_factory):
+def test_capabilities_on_streams(inprocess_factory):
     """Static tokens: observers may subscribe to any session; can_start_sessions and allowed_modes
     are inline Forbidden on envelope frames; subscribe frames ignore allowed_modes (§4.5)."""
     tokens = [
@@ -402,7 +402,7 @@ def test_capabilities_on_streams(server_factory):
         {"token": "t-nostart", "sender": "nostart", "can_start_sessions": False},
     ]
     import json
-    srv = server_factory(env={"MACP_MEMORY_ONLY": "1", "MACP_AUTH_TOKENS_JSON": json.dumps(tokens)})
+    srv = inprocess_factory(env={"MACP_MEMORY_ONLY": "1", "MACP_AUTH_TOKENS_JSON": json.dumps(tokens)})
     stub = srv.stub()
     sid = new_session_id()
     assert send(stub, envelope(MODE, "SessionStart", sid, "coord", start_payload(["alice"])), as_sender="t-coord").ok

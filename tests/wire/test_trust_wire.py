@@ -245,11 +245,11 @@ def test_list_ext_modes_hides_spec_text_from_anonymous_callers(stub):
 
 # --- 4. Streams are counted and shared fairly ----------------------------------------------------------------
 
-def test_streams_are_counted_per_identity_and_unary_calls_keep_answering(server_factory):
+def test_streams_are_counted_per_identity_and_unary_calls_keep_answering(inprocess_factory):
     """Before: WatchPolicies took no stream slot (a few hundred of them starved unary calls) and one identity
     could hold every slot. Now: every stream counts, one identity holds at most its share."""
-    srv = server_factory(env={"MACP_AUTH_TOKENS_JSON": json.dumps(TOKENS), "MACP_MAX_STREAMS": "4",
-                              "MACP_MAX_STREAMS_PER_IDENTITY": "2"})
+    srv = inprocess_factory(env={"MACP_AUTH_TOKENS_JSON": json.dumps(TOKENS), "MACP_MAX_STREAMS": "4",
+                                 "MACP_MAX_STREAMS_PER_IDENTITY": "2"})
     stub = srv.stub()
     held = [Collector(stub.WatchPolicies(policy_pb2.WatchPoliciesRequest(), metadata=MALLORY)) for _ in range(2)]
     for c in held:
@@ -448,11 +448,11 @@ def test_the_rate_limiter_memory_is_bounded():
 
 # --- 12. PromoteMode cannot rename into macp.mode.* ----------------------------------------------------------
 
-def test_promote_mode_cannot_rename_into_the_reserved_namespace(server_factory):
+def test_promote_mode_cannot_rename_into_the_reserved_namespace(inprocess_factory):
     """Before: PromoteMode renamed an extension to macp.mode.anything (RegisterExtMode refuses that name).
     Now refused under the current profile (the default); the v0.4.0 profile keeps the reference's answer."""
-    stub = server_factory(env={"MACP_AUTH_TOKENS_JSON": json.dumps(TOKENS),
-                               "MACP_PROTOCOL_PROFILE": "current"}).stub()
+    stub = inprocess_factory(env={"MACP_AUTH_TOKENS_JSON": json.dumps(TOKENS),
+                                  "MACP_PROTOCOL_PROFILE": "current"}).stub()
     name = f"ext.promo{uuid.uuid4().hex[:6]}.v1"
     d = core_pb2.ModeDescriptor(mode=name, mode_version="1", message_types=["Note", "Commitment"],
                                 terminal_message_types=["Commitment"])

@@ -175,13 +175,13 @@ def test_order_of_checks_texts_and_codes(runtime_server):
     assert what_if(stub, sid, descriptor(policy_id="policy.default")).candidate_policy_id == "policy.default"
 
 
-def test_who_may_replay(server_factory, tmp_path):
+def test_who_may_replay(inprocess_factory, tmp_path):
     tokens = [{"token": "t-alice", "sender": "alice"}, {"token": "t-coord", "sender": "coordinator"},
               {"token": "t-bob", "sender": "bob"},
               {"token": "t-obs", "sender": "auditor", "is_observer": True},
               {"token": "t-admin", "sender": "registrar", "can_manage_mode_registry": True},
               {"token": "t-eve", "sender": "eve"}]
-    srv = server_factory(env={**CURRENT, "MACP_AUTH_TOKENS_JSON": json.dumps(tokens)})
+    srv = inprocess_factory(env={**CURRENT, "MACP_AUTH_TOKENS_JSON": json.dumps(tokens)})
     stub = srv.stub()
     sid = new_session_id()
     for i, (who, mtype, payload) in enumerate([
