@@ -10,8 +10,8 @@ Most tests talk to the server over gRPC exactly as a client would. `runtime_serv
 tests of one module (sessions use fresh ids, so they do not interfere) and runs in-process
 (tests.support.inprocess: the daemon's own Runtime, its own Config, port 0). Tests that need servers of
 their own use `inprocess_factory` where a process adds nothing, and `server_factory` (a real
-`macp-runtime serve` process) to kill, signal or restart it, read its exit status or log, or configure
-what the runtime reads from the process environment (MACP_AUTH_*, MACP_RECEIPT_SIGNING_KEY).
+`macp-runtime serve` process) to kill, signal or restart it, read its exit status or log, pass it
+command-line flags, or serve Prometheus metrics (an endpoint that is never stopped).
 """
 from __future__ import annotations
 

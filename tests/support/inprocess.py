@@ -1,9 +1,9 @@
 """A runtime inside the test process: the daemon's own `Runtime` (config, storage and replay, auth, the
 grpc.aio server) on a free loopback port, for wire tests where a separate process adds nothing (no
-kill -9, signal, exit status, CLI output or environment read at start-up).
+kill -9, signal, exit status, command-line flag or start-up log check).
 
 Every in-process server gets its own `Config`, read from the environment a `ServerProcess` would be
-started with (`SERVER_ENV` + the test's `env`), never from `os.environ`; its own storage, engine,
+started with (`SERVER_ENV` + the test's `env`, auth included), never from `os.environ`; its own storage, engine,
 registries and gRPC server. All of them run on one asyncio loop in a background thread (grpc.aio
 binds one completion-queue poller to the loops that use it: one loop keeps that simple), stopped at
 the end of the test session (`shutdown`). The interface is `ServerProcess`'s: `target`, `port`,
@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import threading
 
-from macp_runtime.app.config import Config, ConfigError, from_env
+from macp_runtime.app.config import ConfigError, from_env
 from macp_runtime.app.server import GIL_SWITCH_S, SHUTDOWN_GRACE_S, Runtime, StartupError
 
 from .server import SERVER_ENV, _Client
 
 START_TIMEOUT_S = 60.0
-# Until auth and the inline receipt key come from Config (the option table, issue 13 point 7), the
-# runtime reads them from os.environ at start-up: a server that needs them is started as a process,
-# and in the test process they must be unset.
-_PROCESS_ONLY = () if hasattr(Config(), "auth_tokens_json") else ("MACP_AUTH_", "MACP_RECEIPT_SIGNING_KEY")
 
 
 def _from_grpc_poller(exc: BaseException) -> bool:
@@ -118,11 +113,6 @@ class _Capture(logging.Handler):
 class InProcessServer(_Client):
     def __init__(self, data_dir: str, env: dict | None = None):
         env = dict(env or {})
-        for source, names in (("env", env), ("os.environ", os.environ)):
-            bad = sorted(k for k in names if _PROCESS_ONLY and k.startswith(_PROCESS_ONLY))
-            if bad:
-                raise ValueError(f"{', '.join(bad)} in {source}: the runtime reads these from the process "
-                                 "environment at start-up; use ServerProcess (server_factory)")
         if "MACP_METRICS_ADDR" in env:   # the Prometheus endpoint is never stopped: a process
             raise ValueError("MACP_METRICS_ADDR: use ServerProcess (server_factory)")
         self.data_dir = data_dir
