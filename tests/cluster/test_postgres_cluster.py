@@ -36,8 +36,13 @@ def pg_env(url: str, **extra) -> dict:
 
 def start_instances(tmp_path, url: str, n: int, **extra) -> list[ServerProcess]:
     servers = [ServerProcess(str(tmp_path / f"inst{i}"), pg_env(url, **extra)).start(wait=False) for i in range(n)]
-    for srv in servers:
-        srv.wait_ready()
+    try:
+        for srv in servers:
+            srv.wait_ready()
+    except BaseException:   # one that does not come up: none is left running behind the test
+        for srv in servers:
+            srv.kill()
+        raise
     return servers
 
 
