@@ -22,7 +22,7 @@ from ..codegen import SpecError
 from ..kernel.access import Limits
 from ..kernel.auth import AuthConfigError, AuthSettings, build_authenticator
 from ..kernel.engine import Engine
-from ..kernel.metrics import Metrics
+from ..kernel.metrics import NO_METRICS, Metrics
 from ..kernel.receipt_keys import DOCUMENT as RECEIPT_KEYS_DOCUMENT
 from ..kernel.receipt_keys import KeyConfigError, open_receipt_keys
 from ..kernel.receipts import Receipts
@@ -82,7 +82,8 @@ class Runtime:
         self.store = None
         self.engine = None
         self.grpc = None
-        self.cluster = None
+        self.bus = None   # the PostgreSQL notification bus (storage/postgres/bus.py) when shared
+        self.metrics = None
         self.port = None
         self.authenticator = None
         self.services = list(services)
@@ -157,12 +158,6 @@ class Runtime:
             log.info("mode registry: %d registered or promoted modes restored", restored)
         for warning in cfg.warnings:
             log.warning("configuration: %s", warning)
-        engine = Engine(modes, policies, self.store, profile=prof)
-        engine.clock_skew_ms = cfg.clock_skew_ms
-        engine.checkpoint_interval = cfg.checkpoint_interval
-        if not cfg.memory_only:
-            engine.spec_archive = SpecArchive(documents())
-        recovered, failed = engine.recover(strict=cfg.strict_recovery)
         try:   # decision receipts: the signing key and the published key set (runtime/receipt_keys.py)
             receipt_keys = open_receipt_keys(memory_only=cfg.memory_only, data_dir=cfg.data_dir,
                                              shared_documents=shared_documents,
@@ -170,23 +165,30 @@ class Runtime:
                                              key_file=cfg.receipt_signing_key_file, kid=cfg.receipt_key_id)
         except (KeyConfigError, StorageError) as exc:
             raise StartupError(f"receipt signing key: {exc}") from None
-        engine.receipts = Receipts(receipt_keys, cfg.receipt_issuer)
+        bus = None
+        if postgres:   # other instances' changes reach this one (fan-out, registries), once recovered
+            from ..storage.postgres.bus import PostgresBus
+
+            bus = self.bus = PostgresBus(cfg.database_url, self.store, shared_documents,
+                                         {"policies": policies.reload, "modes": modes.reload,
+                                          RECEIPT_KEYS_DOCUMENT: receipt_keys.reload})
+            where = f"PostgreSQL {mask_url(cfg.database_url)} (shared with other instances)"
+        else:
+            where = "memory only (nothing survives a restart)" if cfg.memory_only else f"durable log in {cfg.data_dir}"
+        self.metrics = Metrics(modes, self.store) if cfg.metrics_addr else None
+        engine = Engine(modes, policies, self.store, profile=prof, metrics=self.metrics or NO_METRICS,
+                        spec_archive=None if cfg.memory_only else SpecArchive(documents()),
+                        receipts=Receipts(receipt_keys, cfg.receipt_issuer), bus=bus,
+                        checkpoint_interval=cfg.checkpoint_interval, clock_skew_ms=cfg.clock_skew_ms,
+                        retention_ms=int(cfg.session_retention_secs * 1000))
+        if self.metrics is not None:
+            self.metrics.watch(engine)
+        recovered, failed = engine.recover(strict=cfg.strict_recovery)
         if prof.semantics_rev >= 4:   # the current line serves (and advertises) receipts and what-if replay
             prof.enable("decision_receipt")
             prof.enable("decision_receipt_signed", receipt_keys.signed)
             prof.enable("what_if_replay")
         log.info("decision receipts: signed with kid %s", receipt_keys.active.kid)
-        if postgres:   # other instances' changes reach this one (fan-out, registries)
-            from ..kernel.cluster import ClusterBus
-
-            self.cluster = ClusterBus(cfg.database_url, engine, shared_documents,
-                                      {"policies": policies.reload, "modes": modes.reload,
-                                       RECEIPT_KEYS_DOCUMENT: receipt_keys.reload})
-            self.cluster.start()
-            engine.cluster = self.cluster
-            where = f"PostgreSQL {mask_url(cfg.database_url)} (shared with other instances)"
-        else:
-            where = "memory only (nothing survives a restart)" if cfg.memory_only else f"durable log in {cfg.data_dir}"
         log.info("storage: %s; recovered %d sessions from %d records in %.2fs%s", where, recovered,
                  report.records, time.perf_counter() - t0, f"; {failed} sessions could not be recovered" if failed else "")
         if report.dropped_records or report.problems:
@@ -234,13 +236,11 @@ class Runtime:
             self.port = await self.grpc.start()
         except BindError as exc:
             raise StartupError(str(exc)) from None
-        if cfg.metrics_addr:
-            metrics = Metrics(engine, self.store)
+        if self.metrics is not None:
             try:
-                metrics.serve(cfg.metrics_addr)
+                self.metrics.serve(cfg.metrics_addr)
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {cfg.metrics_addr}: {exc}") from None
-            engine.metrics = metrics
             log.info("metrics: Prometheus endpoint on http://%s/metrics", cfg.metrics_addr)
         engine.start_sweeper(cfg.cleanup_interval_secs, cfg.session_retention_secs)
         log.info("serving %s on %s (%s), modes: %s", SERVICE_NAME, cfg.bind_addr,
@@ -287,8 +287,8 @@ class Runtime:
                 self._stopped.set()
 
     def _close_storage(self) -> None:
-        if self.cluster is not None:
-            self.cluster.close()
+        if self.bus is not None:
+            self.bus.close()
         if self.store is not None:
             self.store.close()
 

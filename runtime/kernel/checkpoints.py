@@ -2,7 +2,8 @@
 
 A checkpoint is a `LogRecord` of kind ENTRY_KIND_CHECKPOINT whose payload is a `SessionSnapshot`
 (proto/macp_runtime/storage/v1/records.proto). Replay restores a session from the last checkpoint
-in its history and applies only the entries after it (`Engine._replay_session`).
+in its history and applies only the entries after it (`recovery.Recovery.replay_session`). When the
+engine writes them is `CheckpointSchedule`'s business (below).
 
 * Terminal checkpoint (`TerminalCheckpoint`): once a session is RESOLVED, CANCELLED or EXPIRED
   (however it got there: a Commitment, CancelSession, the sweep, a lazy expiry, a resume past the
@@ -27,8 +28,8 @@ import logging
 import threading
 import zlib
 
-from ..storage import ENTRY_KIND_CHECKPOINT, LogRecord, SessionSnapshot
-from ..storage.base import CHECKPOINT, TERMINAL_CHECKPOINT
+from ..storage import ENTRY_KIND_CHECKPOINT, LogRecord, SessionSnapshot, StorageError, Store
+from ..storage.base import CHECKPOINT, TERMINAL_CHECKPOINT, is_terminal_checkpoint
 from ..storage.records_pb2 import (
     SESSION_STATUS_CANCELLED,
     SESSION_STATUS_EXPIRED,
@@ -36,11 +37,12 @@ from ..storage.records_pb2 import (
     SESSION_STATUS_RESOLVED,
     SESSION_STATUS_SUSPENDED,
 )
-from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, Session
+from ..vocabulary.errors import MacpError
+from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session
+from .records import RUNTIME_SENDER
 
 log = logging.getLogger("macp_runtime.checkpoints")
 
-RUNTIME_SENDER = "_runtime"
 _TO_SNAPSHOT = {OPEN: SESSION_STATUS_OPEN, RESOLVED: SESSION_STATUS_RESOLVED, EXPIRED: SESSION_STATUS_EXPIRED,
                 SUSPENDED: SESSION_STATUS_SUSPENDED, CANCELLED: SESSION_STATUS_CANCELLED}
 _FROM_SNAPSHOT = {v: k for k, v in _TO_SNAPSHOT.items()}
@@ -49,6 +51,7 @@ _warned_modes: set[str] = set()
 #: and ids compress well. Small ones are not: zlib lets go of the GIL and must take it back, and in the
 #: checkpointer thread under load that cost ~10% of the server's throughput for ~1 KB saved per session.
 DEFLATE_ABOVE = 16 * 1024
+CHECKPOINT_LINGER_S = 0.01  # a terminal checkpoint waits this long for a foreground fdatasync to share
 
 
 class NotCheckpointable(ValueError):
@@ -232,3 +235,91 @@ class Checkpointer:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+
+
+def has_terminal_checkpoint(records: list[LogRecord]) -> bool:
+    """Whether the last checkpoint of a history is a terminal one."""
+    for rec in reversed(records):
+        if rec.kind == ENTRY_KIND_CHECKPOINT:
+            return is_terminal_checkpoint(rec)
+    return False
+
+
+class CheckpointSchedule:
+    """When the engine writes checkpoints: a terminal one queued for the `Checkpointer` as a session
+    becomes terminal, an interval one (MACP_CHECKPOINT_INTERVAL, runtime.md §10.4) after an accepted
+    non-terminal message. `enabled` only for a durable store of one instance."""
+
+    def __init__(self, store: Store, append, clock, *, enabled: bool, interval: int = 0):
+        """append(session, record): the commit point (commit.CommitPoint.append)."""
+        self.store = store
+        self._append = append
+        self._clock = clock
+        self.enabled = enabled
+        # 0 = off; also off when checkpoints are, so the message path tests one number
+        self.interval = interval if enabled else 0
+        self._checkpointer = Checkpointer(self._write_terminal)
+
+    def terminal(self, session: Session) -> None:
+        """The session just became terminal (its lock is held): queue its terminal checkpoint."""
+        if self.enabled:
+            self._checkpointer.add(session)
+
+    def after_message(self, session: Session, now: int) -> None:
+        """After an accepted non-terminal message (with `interval` set): the interval checkpoint, when due."""
+        n = self.interval
+        length = session.log_length
+        if session.status != OPEN or length < n or length % n:
+            return
+        record = checkpoint_record(session, now, terminal=False)
+        if record is None:
+            return
+        try:
+            self._append(session, record)
+        except MacpError as exc:   # the message itself is durable and applied; replay just takes longer
+            log.warning("session %s: interval checkpoint not written: %s", session.session_id, exc)
+
+    def _write_terminal(self, sessions: list[Session]) -> None:
+        """Checkpointer thread: one durable append for a batch of terminal sessions. Each session's lock
+        is held from its snapshot until its checkpoint is indexed, so nothing (eviction, a new
+        incarnation of the id) comes between."""
+        locked: list[Session] = []
+        records: list[LogRecord] = []
+        now = self._clock()
+        try:
+            for session in sessions:
+                session.lock.acquire()
+                if session.gone or session.status not in TERMINAL:
+                    session.lock.release()
+                    continue
+                try:
+                    record = checkpoint_record(session, now, terminal=True)
+                except Exception as exc:
+                    log.warning("session %s: no terminal checkpoint: %s", session.session_id, exc)
+                    record = None
+                if record is None:
+                    session.lock.release()
+                    continue
+                locked.append(session)
+                records.append(record)
+            if not records:
+                return
+            try:   # rides along with the next batch of foreground appends when one comes soon
+                indices = self.store.append_many(records, linger=CHECKPOINT_LINGER_S)
+            except StorageError as exc:
+                log.warning("terminal checkpoints of %d sessions not written (a restart replays them): %s",
+                            len(records), exc)
+                return
+            for session, index in zip(locked, indices):
+                session.log_length = index + 1
+        finally:
+            for session in locked:
+                session.lock.release()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the queued terminal checkpoints are written (tests and benchmarks)."""
+        return self._checkpointer.flush(timeout)
+
+    def close(self) -> None:
+        """Write what is queued, then stop (before the store closes)."""
+        self._checkpointer.close()

@@ -49,10 +49,12 @@ NO_METRICS = NoMetrics()
 class Metrics(NoMetrics):
     enabled = True
 
-    def __init__(self, engine, store):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    def __init__(self, modes, store):
+        """modes: the mode registry (labels take only its modes and message types); store: for the
+        fsync counters of a durable store. The engine's gauges follow once `watch(engine)` is called."""
+        from prometheus_client import CollectorRegistry, Counter, Histogram
 
-        self._engine = engine
+        self._modes = modes
         self.registry = r = CollectorRegistry()
         self._accepted = Counter("macp_messages_accepted_total", "Envelopes accepted by Send (duplicates included)",
                                  ["mode", "message_type"], registry=r)
@@ -65,22 +67,28 @@ class Metrics(NoMetrics):
         self._append = Histogram("macp_storage_append_duration_seconds",
                                  "Time to make one history record durable (group commit included)",
                                  buckets=APPEND_BUCKETS, registry=r)
-        open_sessions = Gauge("macp_sessions_open", "Sessions currently OPEN in memory", registry=r)
-        open_sessions.set_function(lambda: sum(1 for s in engine.sessions() if s.status == OPEN))
-        in_memory = Gauge("macp_sessions_in_memory", "Sessions held in memory, any state", registry=r)
-        in_memory.set_function(lambda: len(engine.sessions()))
-        subscribers = Gauge("macp_stream_subscribers", "Open passive/active StreamSession subscriptions", registry=r)
-        subscribers.set_function(lambda: sum(len(v) for v in list(engine._channels.values())))
-        watchers = Gauge("macp_watch_subscribers", "Open WatchSessions and WatchSignals streams", ["stream"],
-                         registry=r)
-        watchers.labels("sessions").set_function(lambda: len(engine.lifecycle))
-        watchers.labels("signals").set_function(lambda: len(engine.signals))
         if store.counts_syncs:
             r.register(_StoreCollector(store))
         for event in EVENT_OUTCOMES.values():
             self._sessions.labels(event)
         self._accepted_children: dict = {}
         self._rejected_children: dict = {}
+
+    def watch(self, engine) -> None:
+        """The gauges read from the engine at scrape time (sessions, stream subscribers, watches)."""
+        from prometheus_client import Gauge
+
+        r = self.registry
+        open_sessions = Gauge("macp_sessions_open", "Sessions currently OPEN in memory", registry=r)
+        open_sessions.set_function(lambda: sum(1 for s in engine.sessions() if s.status == OPEN))
+        in_memory = Gauge("macp_sessions_in_memory", "Sessions held in memory, any state", registry=r)
+        in_memory.set_function(lambda: len(engine.sessions()))
+        subscribers = Gauge("macp_stream_subscribers", "Open passive/active StreamSession subscriptions", registry=r)
+        subscribers.set_function(lambda: sum(len(v) for v in list(engine.fanout.channels.values())))
+        watchers = Gauge("macp_watch_subscribers", "Open WatchSessions and WatchSignals streams", ["stream"],
+                         registry=r)
+        watchers.labels("sessions").set_function(lambda: len(engine.lifecycle))
+        watchers.labels("signals").set_function(lambda: len(engine.signals))
 
     def send_done(self, mode: str, message_type: str, code: str, seconds: float | None) -> None:
         """One envelope answered; `seconds` is the Send latency (None for stream frames).
@@ -106,10 +114,10 @@ class Metrics(NoMetrics):
         child.inc()
 
     def _known_mode(self, mode: str) -> str:
-        return mode if mode == "" or self._engine.modes.get(mode) is not None else OTHER
+        return mode if mode == "" or self._modes.get(mode) is not None else OTHER
 
     def _known_type(self, mode: str, message_type: str) -> tuple[str, str]:
-        compiled = self._engine.modes.get(mode) if mode else None
+        compiled = self._modes.get(mode) if mode else None
         if compiled is None:
             mode = OTHER if mode else ""
             return mode, message_type if message_type in AMBIENT_TYPES else OTHER

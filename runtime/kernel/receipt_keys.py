@@ -198,7 +198,7 @@ class DocumentKeySet:
         return self.documents.locked(DOCUMENT)   # a DocumentStore (storage/base.py)
 
     def stamp(self):
-        return None   # changes arrive as notifications (runtime/cluster.py), not by polling
+        return None   # changes arrive as notifications (runtime/storage/postgres/bus.py), not by polling
 
     def load(self):
         return self.documents.load(DOCUMENT)

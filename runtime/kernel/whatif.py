@@ -21,10 +21,11 @@ from ..specs.hooks.context import Reject
 from ..specs.hooks.policy_rules import BoundPolicy
 from ..storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL
 from ..storage.base import is_terminal_checkpoint
-from ..vocabulary.errors import Kind, MacpError
+from ..vocabulary.errors import MacpError
 from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session
 from . import interpreter
 from .checkpoints import read_snapshot
+from .records import mode_error
 
 Kinds = policy_pb2.WhatIfEntryOutcome
 APPLIED, NOT_OPEN, REFUSED, NO_SESSION = Kinds.KIND_APPLIED, Kinds.KIND_NOT_OPEN, Kinds.KIND_REFUSED, Kinds.KIND_NO_SESSION
@@ -129,9 +130,7 @@ def _replay(engine, records, policy: BoundPolicy, recorded_id: str) -> tuple[lis
             try:   # as the kernel's replay judges it (recorded time, runtime-written implicit accepts)
                 plan, runtime_written = engine.judge_logged(session, rec)
             except Reject as exc:
-                err = MacpError(Kind[exc.kind], reasons=exc.reasons, detail=exc.detail or str(exc),
-                                reason=exc.detail or "; ".join(exc.reasons))   # as the engine's Ack
-                outcomes.append(_refused(err, session.status, engine.profile))
+                outcomes.append(_refused(mode_error(exc), session.status, engine.profile))   # as the engine's Ack
                 continue
             session.seen.add(rec.message_id)
             if not runtime_written:

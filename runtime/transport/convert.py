@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
-from ..kernel.engine import Accepted, Outcome, record_envelope
+from ..kernel.fanout import Accepted
+from ..kernel.records import Outcome, record_envelope
 from ..vocabulary.errors import MacpError
 from ..vocabulary.session import Session, now_ms
 

@@ -10,7 +10,8 @@ import grpc
 from macp.v1 import core_pb2
 
 from ..kernel import access, paging
-from ..kernel.engine import Outcome
+from ..kernel.fanout import Event
+from ..kernel.records import Outcome
 from ..specs.hooks.common import is_blank
 from ..vocabulary.errors import Kind, MacpError, StatusError
 from ..vocabulary.session import OPEN
@@ -101,12 +102,12 @@ class MessageHandler:
             session = engine.peek(subject)
             if session is not None and not access.may_write(session, identity):
                 raise MacpError(Kind.Forbidden, detail=f"{identity.sender!r} may not signal session {subject!r}")
-        signals, cluster = engine.signals, engine.cluster
-        if len(signals) or cluster is not None:
+        signals, relay = engine.signals, engine.signal_relay
+        if len(signals) or relay is not None:
             item = signal_response(env, engine.profile.signals_need_auth)
             signals.publish((subject, item))
-            if cluster is not None:   # other instances' WatchSignals subscribers (PostgreSQL NOTIFY)
-                await self.t.offload(cluster.publish_signal, item)
+            if relay is not None:   # other instances' WatchSignals subscribers (PostgreSQL NOTIFY)
+                await self.t.offload(relay, item)
         return _OPEN_OUTCOME
 
     async def WatchSignals(self, request, context):
@@ -250,11 +251,9 @@ async def _durable_states(t, context, sessions) -> None:
 def _once_created(synced: set):
     """A lifecycle renderer that drops a buffered CREATED of a session the initial sync already
     listed (once per id: a later incarnation of the id is announced again)."""
-    from ..kernel.engine import CREATED
-
     def render(item):
         event, session, _ = item
-        if event == CREATED and session.session_id in synced:
+        if event == Event.CREATED and session.session_id in synced:
             synced.discard(session.session_id)
             return None
         return lifecycle_response(item)

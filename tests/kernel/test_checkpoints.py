@@ -49,10 +49,8 @@ def open_store(d: Path, **opts) -> FileLogStore:
     return store
 
 
-def engine_on(store, clock=None, interval=0) -> Engine:
-    engine = Engine(_MODES, PolicyRegistry(), store, clock=clock or Clock())
-    engine.checkpoint_interval = interval
-    return engine
+def engine_on(store, clock=None, interval=0, **opts) -> Engine:
+    return Engine(_MODES, PolicyRegistry(), store, clock=clock or Clock(), checkpoint_interval=interval, **opts)
 
 
 def start(engine, ttl=86_400_000, participants=("alice", "bob")):
@@ -238,7 +236,7 @@ def test_recovery_writes_the_checkpoints_a_crash_left_out(tmp_path):
     d = tmp_path / "data"
     store = open_store(d)
     engine = engine_on(store)
-    engine.checkpoints = False                          # as if killed before the checkpointer ran
+    engine.checkpoints.enabled = False                  # as if killed before the checkpointer ran
     sids = [resolved_session(engine) for _ in range(3)]
     store.close()
 

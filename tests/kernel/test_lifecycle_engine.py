@@ -101,8 +101,8 @@ def test_resume_past_the_cap_without_a_lookup_records_the_resume_then_expires():
     sid = start(engine)
     engine.suspend_session(sid, COORD, "a")
     clock.now += 7 * DAY + 5
-    session = engine._sessions[sid]
-    engine.lookup = lambda _sid: session       # skip the prelude's lazy expiry, as in a race
+    session = engine.table.sessions[sid]
+    engine.control.lookup = lambda _sid: session   # skip the prelude's lazy expiry, as in a race
     with pytest.raises(MacpError):
         engine.resume_session(sid, COORD, "late")
     assert session.status == EXPIRED
@@ -124,11 +124,11 @@ def test_replay_restores_suspension_and_banked_time():
     engine.lookup(capped)                      # expires: 8 days suspended
     again = new_engine(store, clock)
     assert again.recover() == (3, 0)
-    s = again._sessions[suspended]
+    s = again.table.sessions[suspended]
     assert (s.status, s.suspended_at_ms) == (SUSPENDED, T0)
-    r = again._sessions[resumed]
+    r = again.table.sessions[resumed]
     assert (r.status, r.deadline_ms, r.accumulated_suspended_ms) == (OPEN, before, 2 * DAY)
-    assert again._sessions[capped].status == EXPIRED
+    assert again.table.sessions[capped].status == EXPIRED
 
 
 def test_the_sweep_expires_open_sessions_only_and_evicts_old_resolved_and_expired_ones():
@@ -142,12 +142,12 @@ def test_the_sweep_expires_open_sessions_only_and_evicts_old_resolved_and_expire
     clock.now += 2000
     young = start(engine, ttl=DAY)
     assert engine.sweep(retention_ms=DAY) == (1, 0)
-    assert engine._sessions[overdue].status == EXPIRED and engine._sessions[paused].status == SUSPENDED
+    assert engine.table.sessions[overdue].status == EXPIRED and engine.table.sessions[paused].status == SUSPENDED
     clock.now += DAY + 1
     # `young` expires now but started after the cut-off; `overdue` (started at T0) is evicted.
     assert engine.sweep(retention_ms=DAY + 1000) == (1, 1)
-    assert overdue not in engine._sessions
-    assert {paused, cancelled, young} <= set(engine._sessions)
+    assert overdue not in engine.table.sessions
+    assert {paused, cancelled, young} <= set(engine.table.sessions)
     assert engine.store.history(overdue) == []            # released from the (memory) store
     with pytest.raises(StatusError):
         engine.lookup(overdue)
@@ -156,7 +156,7 @@ def test_the_sweep_expires_open_sessions_only_and_evicts_old_resolved_and_expire
 def test_subscribe_with_history_has_no_gap_and_no_duplicate_under_concurrent_sends():
     engine = new_engine()
     sid = start(engine)
-    session = engine._sessions[sid]
+    session = engine.table.sessions[sid]
     total = 1500
 
     class Sub:
@@ -191,4 +191,4 @@ def test_subscribe_with_history_has_no_gap_and_no_duplicate_under_concurrent_sen
     for snapshot, sub in subs:
         assert list(range(snapshot)) + sub.live == list(range(total + 1))
         engine.unsubscribe(sid, sub)
-    assert sid not in engine._channels
+    assert sid not in engine.fanout.channels

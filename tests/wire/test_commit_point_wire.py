@@ -29,8 +29,8 @@ class Served:
 
     def __init__(self, tmp_path):
         self.store = open_store(tmp_path / "data")
-        self.engine = engine_on(self.store, clock=now_ms)
-        self.engine.spec_archive = SpecArchive(open_documents(False, str(tmp_path / "data")))
+        self.engine = engine_on(self.store, clock=now_ms,
+                                spec_archive=SpecArchive(open_documents(False, str(tmp_path / "data"))))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

@@ -194,6 +194,12 @@ class PostgresStore(SharedStore):
         except Exception as exc:   # pool timeout, closed pool
             raise StorageError(f"PostgreSQL connection pool: {exc}") from None
 
+    def notify(self, channel: str, payload: str) -> None:
+        """NOTIFY `channel` now (one round trip; the notification bus's outgoing signals)."""
+        with self._conn() as conn:
+            self.round_trips += 1
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
     def _query(self, sql: str, params=None) -> list[tuple]:
         with self._conn() as conn:
             self.round_trips += 1
@@ -317,7 +323,7 @@ class PostgresDocuments(DocumentStore):
     """Registry documents in `macp_documents`, shared by every instance.
 
     `save` NOTIFYs `macp_registry` ("name origin") in the same transaction, so other instances reload
-    (runtime/cluster.py). `locked(name)` runs a read-modify-write as one transaction under an advisory
+    (runtime/storage/postgres/bus.py). `locked(name)` runs a read-modify-write as one transaction under an advisory
     lock, so two instances changing one registry at once cannot lose either change."""
 
     durable = True

@@ -1,19 +1,24 @@
-"""Fan-out across runtime instances that share one PostgreSQL database.
+"""The notification bus between runtime instances that share one PostgreSQL database.
 
 Each instance keeps one extra connection that LISTENs; PostgreSQL delivers a NOTIFY at commit, to
 every listener, in commit order:
 
-* `macp_log` "session_id incarnation index": sent by a trigger for every record inserted. The
-  notification only wakes the instance: it then reads the log itself (`Engine.remote_record` ->
-  catch-up by index), so order and completeness come from the log, not from the notifications.
-  Sessions nobody watches here are not read at all (they catch up when next touched).
+* `macp_log` "session_id incarnation index": sent for every record inserted (store.py queues them).
+  The notification only wakes the instance: its listener then reads the log itself
+  (`record_committed` -> catch-up by index), so order and completeness come from the log, not from the
+  notifications. Sessions nobody watches there are not read at all (they catch up when next touched).
 * `macp_registry` "name origin": a registry document changed; other instances reload it (policies,
-  modes) and tell their watchers.
-* `macp_signals` (base64 of a WatchSignalsResponse): Signals and Progress are in no history, so they
-  travel in the notification itself (8000 bytes at most; larger ones stay on their instance).
+  modes, receipt keys) and tell their watchers.
+* `macp_signals` "origin base64": Signals and Progress are in no history, so they travel in the
+  notification itself (8000 bytes at most; larger ones stay on their instance).
 
-If the listening connection drops, the bus reconnects and catches up every watched session and both
-registries, since notifications sent meanwhile are lost. A periodic pass does the same as a safety net.
+If the listening connection drops, the bus reconnects and catches up every watched session
+(`positions`) and all registries, since notifications sent meanwhile are lost. A periodic pass does
+the same as a safety net.
+
+The listener (the kernel's shared-store coordination) is given to `start`; it has
+`record_committed(session_id, incarnation, index)`, `signal_received(data: bytes)` and
+`positions() -> [(session_id, incarnation, length)]`. The bus knows nothing else of the kernel.
 """
 from __future__ import annotations
 
@@ -21,10 +26,9 @@ import base64
 import logging
 import threading
 import time
+from typing import Callable
 
-from macp.v1 import core_pb2
-
-from ..storage.postgres.store import LOG_CHANNEL, REGISTRY_CHANNEL
+from .store import LOG_CHANNEL, REGISTRY_CHANNEL, PostgresDocuments, PostgresStore
 
 log = logging.getLogger("macp_runtime.cluster")
 
@@ -34,21 +38,24 @@ RESYNC_EVERY_S = 30.0
 RECONNECT_DELAY_S = 0.5
 
 
-class ClusterBus:
-    def __init__(self, url: str, engine, documents, reloaders: dict):
-        """reloaders: document name -> callable that reloads that registry from the store."""
+class PostgresBus:
+    def __init__(self, url: str, store: PostgresStore, documents: PostgresDocuments,
+                 reloaders: dict[str, Callable[[], None]]):
+        """documents: this instance's registry documents (their `origin` names this instance in
+        notifications); reloaders: document name -> callable that reloads that registry from the store."""
         self.url = url
-        self.engine = engine
-        self.documents = documents
-        self.reloaders = reloaders
+        self.store = store
         self.origin = documents.origin
+        self.reloaders = reloaders
+        self._listener = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._send_lock = threading.Lock()
         self.notifications = 0
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, listener, timeout: float = 10.0) -> None:
+        """Listen, delivering other instances' changes to `listener` (see the module's text)."""
+        self._listener = listener
         self._thread = threading.Thread(target=self._run, name="cluster-listen", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -61,15 +68,14 @@ class ClusterBus:
 
     # --- outgoing ------------------------------------------------------------------------------
 
-    def publish_signal(self, item: core_pb2.WatchSignalsResponse) -> None:
-        """Send an accepted Signal/Progress to the other instances' WatchSignals subscribers."""
-        payload = self.origin + " " + base64.b64encode(item.SerializeToString()).decode()
+    def publish_signal(self, data: bytes) -> None:
+        """Send an encoded WatchSignalsResponse to the other instances' WatchSignals subscribers."""
+        payload = self.origin + " " + base64.b64encode(data).decode()
         if len(payload) > MAX_NOTIFY_BYTES:
             log.debug("cluster: signal of %d bytes not forwarded (NOTIFY limit)", len(payload))
             return
         try:
-            with self.engine.store._conn() as conn:
-                conn.execute("SELECT pg_notify(%s, %s)", (SIGNAL_CHANNEL, payload))
+            self.store.notify(SIGNAL_CHANNEL, payload)
         except Exception as exc:
             log.warning("cluster: could not forward a signal: %s", exc)
 
@@ -126,20 +132,24 @@ class ClusterBus:
         for name in registries:
             self._reload(name)
         for session_id, (incarnation, index) in records.items():
-            try:
-                self.engine.remote_record(session_id, incarnation, index)
-            except Exception as exc:   # one session's trouble must not stop the others' fan-out
-                log.warning("cluster: could not catch up session %s: %s", session_id, exc)
+            self._committed(session_id, incarnation, index)
+
+    def _committed(self, session_id: str, incarnation: int, index: int) -> None:
+        try:
+            self._listener.record_committed(session_id, incarnation, index)
+        except Exception as exc:   # one session's trouble must not stop the others' fan-out
+            log.warning("cluster: could not catch up session %s: %s", session_id, exc)
 
     def _signal(self, data: str) -> None:
         try:
-            item = core_pb2.WatchSignalsResponse.FromString(base64.b64decode(data))
+            raw = base64.b64decode(data)
         except Exception:
             log.warning("cluster: undecodable signal notification")
             return
-        if len(self.engine.signals):
-            from .access import signal_subject
-            self.engine.signals.publish((signal_subject(item.envelope), item))
+        try:
+            self._listener.signal_received(raw)
+        except Exception as exc:
+            log.warning("cluster: could not deliver a signal: %s", exc)
 
     def _reload(self, name: str) -> None:
         reload = self.reloaders.get(name)
@@ -155,11 +165,5 @@ class ClusterBus:
         if registries:
             for name in self.reloaders:
                 self._reload(name)
-        for session_id in self.engine.watched_sessions():
-            session = self.engine._sessions.get(session_id)
-            if session is None:
-                continue
-            try:
-                self.engine.remote_record(session_id, session.incarnation, session.log_length)
-            except Exception as exc:
-                log.warning("cluster: could not catch up session %s: %s", session_id, exc)
+        for session_id, incarnation, length in self._listener.positions():
+            self._committed(session_id, incarnation, length)
