@@ -61,12 +61,17 @@ async def _headers(request: web.Request, handler):
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        response = exc
-    if response.prepared:   # the event stream set its own before it started
-        return response
+        # aiohttp answers a raised HTTPException itself (returning one is deprecated): it gets the headers too
+        _secure(exc)
+        raise
+    if not response.prepared:   # the event stream set its own before it started
+        _secure(response)
+    return response
+
+
+def _secure(response: web.StreamResponse) -> None:
     for key, value in SECURITY_HEADERS.items():
         response.headers.setdefault(key, value)
-    return response
 
 
 @web.middleware
