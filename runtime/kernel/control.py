@@ -10,9 +10,9 @@ from macp.v1 import core_pb2
 from ..registries import profile as profiles
 from ..specs.hooks.policy_rules import commitment_authority_allows
 from ..vocabulary.errors import PERMISSION_DENIED, Kind, MacpError, StatusError
+from ..vocabulary.identity import Identity
 from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, SUSPENDED, TERMINAL, Session
 from . import access
-from .auth import Identity
 from .checkpoints import CheckpointSchedule
 from .coordination import Coordination
 from .fanout import Event, Fanout

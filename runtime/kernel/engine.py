@@ -32,9 +32,9 @@ from ..specs.hooks.context import Reject
 from ..storage import LogRecord, StorageError, Store
 from ..storage.base import AppendConflict
 from ..vocabulary.errors import Kind, MacpError
+from ..vocabulary.identity import Identity
 from ..vocabulary.session import OPEN, Session, now_ms
 from . import access, interpreter
-from .auth import Identity
 from .checkpoints import CheckpointSchedule
 from .commit import CommitPoint
 from .control import Control

@@ -10,10 +10,11 @@ import logging
 import grpc
 
 from ..kernel import access
-from ..kernel.auth import Identity, Pending
+from ..kernel.jwks import Pending
 from ..kernel.ratelimit import SlidingWindow
 from ..specs.hooks.common import is_blank
 from ..vocabulary.errors import Kind, MacpError
+from ..vocabulary.identity import Identity
 from ..vocabulary.logs import RateLimitedLog
 from .status import abort
 

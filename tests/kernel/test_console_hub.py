@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from macp_runtime.kernel.auth import Identity
+from macp_runtime.vocabulary.identity import Identity
 from macp_runtime.app.console import events
 from macp_runtime.kernel.engine import Engine
 from macp_runtime.registries.modes import ModeRegistry

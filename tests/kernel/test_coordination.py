@@ -10,7 +10,7 @@ import uuid
 import pytest
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
-from macp_runtime.kernel.auth import Identity
+from macp_runtime.vocabulary.identity import Identity
 from macp_runtime.kernel.commit import Pending
 from macp_runtime.kernel.coordination import LocalCoordination
 from macp_runtime.kernel.engine import Engine

@@ -13,7 +13,7 @@ import pytest
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.kernel.auth import Identity
+from macp_runtime.vocabulary.identity import Identity
 from macp_runtime.kernel.engine import Engine
 from macp_runtime.vocabulary.errors import MacpError, StatusError
 from macp_runtime.registries.modes import ModeRegistry

@@ -19,7 +19,7 @@ from macp.modes.quorum.v1 import quorum_pb2
 from macp.modes.task.v1 import task_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.kernel.auth import Identity
+from macp_runtime.vocabulary.identity import Identity
 from macp_runtime.kernel.engine import Engine
 from macp_runtime.vocabulary.errors import MacpError
 from macp_runtime.registries.modes import ModeRegistry

@@ -13,7 +13,7 @@ import uuid
 import pytest
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.kernel.auth import Identity
+from macp_runtime.vocabulary.identity import Identity
 from macp_runtime.codegen import compile_spec, load_modes, load_spec_text
 from macp_runtime.codegen.errors import SpecError
 from macp_runtime.codegen.passthrough import allowed_message_types, compile_passthrough

@@ -29,7 +29,7 @@ import grpc
 from macp.modes.decision.v1 import decision_pb2
 from macp.v1 import core_pb2, envelope_pb2
 
-from macp_runtime.kernel.auth import Identity
+from macp_runtime.vocabulary.identity import Identity
 from macp_runtime.kernel.engine import Engine
 from macp_runtime.vocabulary.errors import MacpError
 from macp_runtime.registries.modes import ModeRegistry

@@ -27,7 +27,7 @@ import pytest
 from google.protobuf import descriptor as pb_descriptor
 from macp.v1 import core_pb2, envelope_pb2, policy_pb2
 
-from macp_runtime.kernel.auth import Identity
+from macp_runtime.vocabulary.identity import Identity
 from macp_runtime.kernel.engine import Engine
 from macp_runtime.vocabulary.errors import MacpError
 from macp_runtime.registries.modes import ModeRegistry

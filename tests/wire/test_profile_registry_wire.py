@@ -176,7 +176,7 @@ def test_a_rejected_policy_file_aborts_startup_and_the_dry_run_reports_each_file
 def test_resume_record_banks_the_remaining_ttl_under_current():
     """In process: the SessionResume record's banked_ms per revision (current.md §7)."""
     from macp_runtime.registries import profile as profiles
-    from macp_runtime.kernel.auth import Identity
+    from macp_runtime.vocabulary.identity import Identity
     from macp_runtime.kernel.engine import Engine
     from macp_runtime.registries.modes import ModeRegistry
     from macp_runtime.registries.policies import PolicyRegistry

@@ -16,9 +16,9 @@ from google.protobuf import json_format
 from macp.v1 import core_pb2, envelope_pb2
 
 from ...kernel import interpreter
-from ...kernel.auth import Identity
 from ...specs.hooks.context import Reject
 from ...storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL, StorageError
+from ...vocabulary.identity import Identity
 from ...vocabulary.session import OPEN, RESOLVED, SUSPENDED, Session
 from . import diagram
 
