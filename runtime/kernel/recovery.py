@@ -63,18 +63,26 @@ def replay_record(session: Session, rec: LogRecord, strict: bool = True) -> None
                 resolve(session, resolution, rec.message_type, rec.payload, rec.received_at_ms)
         session.seen.add(rec.message_id)
     elif rec.kind == ENTRY_KIND_INTERNAL:
-        kind = rec.message_type
-        if kind == "TtlExpired":
-            session.status = EXPIRED
-            session.suspended_at_ms = None
-        elif kind == "SessionCancel":
-            session.status = CANCELLED
-            session.suspended_at_ms = None
-        elif kind == "SessionSuspend" and session.status == OPEN:
-            session.status = SUSPENDED
-            session.suspended_at_ms = rec.received_at_ms
-        elif kind == "SessionResume" and session.status == SUSPENDED:
-            resume(session, max(0, rec.received_at_ms - session.suspended_at_ms))
+        apply_lifecycle(session, rec)
+
+
+def apply_lifecycle(session: Session, rec: LogRecord) -> None:
+    """A recorded lifecycle record (expiry, cancel, suspend, resume), applied where the session's state still
+    allows it. Recovery replays a log in which it always does; what-if replay (whatif.py) a re-judged
+    history in which the session may have ended earlier, so the record no longer applies."""
+    kind = rec.message_type
+    if kind == "TtlExpired" and session.status in (OPEN, SUSPENDED):
+        session.status = EXPIRED
+        session.suspended_at_ms = None
+    elif kind == "SessionCancel" and session.status not in TERMINAL:
+        session.status = CANCELLED
+        session.suspended_at_ms = None
+    elif kind == "SessionSuspend" and session.status == OPEN:
+        session.status = SUSPENDED
+        session.suspended_at_ms = rec.received_at_ms
+    elif kind == "SessionResume" and session.status == SUSPENDED:
+        # the deadline follows the recorded suspend and resume times
+        resume(session, max(0, rec.received_at_ms - session.suspended_at_ms))
 
 
 class Recovery:

@@ -22,10 +22,11 @@ from ..specs.hooks.policy_rules import BoundPolicy
 from ..storage import ENTRY_KIND_INCOMING, ENTRY_KIND_INTERNAL
 from ..storage.base import is_terminal_checkpoint
 from ..vocabulary.errors import MacpError
-from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, RESOLVED, SUSPENDED, TERMINAL, Session
+from ..vocabulary.session import EXPIRED, OPEN, RESOLVED, Session
 from . import interpreter
 from .checkpoints import read_snapshot
 from .records import mode_error
+from .recovery import apply_lifecycle
 
 Kinds = policy_pb2.WhatIfEntryOutcome
 APPLIED, NOT_OPEN, REFUSED, NO_SESSION = Kinds.KIND_APPLIED, Kinds.KIND_NOT_OPEN, Kinds.KIND_REFUSED, Kinds.KIND_NO_SESSION
@@ -142,36 +143,12 @@ def _replay(engine, records, policy: BoundPolicy, recorded_id: str) -> tuple[lis
                 final = _Final(RESOLVED, resolution, index, rec.message_id, rec.message_type)
             outcomes.append(_Outcome(APPLIED, session.status))
         elif rec.kind == ENTRY_KIND_INTERNAL and session is not None:
-            _lifecycle(session, rec)
+            apply_lifecycle(session, rec)
     if session is not None:
         final.state = session.status
         if session.status != RESOLVED:
             final = _Final(session.status)
     return outcomes, final
-
-
-def _lifecycle(session: Session, rec) -> None:
-    """A recorded lifecycle record, applied where the kernel would still have applied it."""
-    kind = rec.message_type
-    if kind == "TtlExpired" and session.status in (OPEN, SUSPENDED):
-        session.status = EXPIRED
-        session.suspended_at_ms = None
-    elif kind == "SessionCancel" and session.status not in TERMINAL:
-        session.status = CANCELLED
-        session.suspended_at_ms = None
-    elif kind == "SessionSuspend" and session.status == OPEN:
-        session.status = SUSPENDED
-        session.suspended_at_ms = rec.received_at_ms
-    elif kind == "SessionResume" and session.status == SUSPENDED:
-        # As the kernel's replay: the deadline follows the recorded suspend and resume times.
-        banked = max(0, rec.received_at_ms - session.suspended_at_ms)
-        session.accumulated_suspended_ms += banked
-        session.suspended_at_ms = None
-        if session.accumulated_suspended_ms > session.suspend_cap_ms:   # the cap bound at its start
-            session.status = EXPIRED
-        else:
-            session.deadline_ms += banked
-            session.status = OPEN
 
 
 def compacted_base(engine, session_id: str) -> int:
