@@ -5,6 +5,7 @@ decisions themselves live in runtime/access.py; this turns them into MacpErrors 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -139,6 +140,15 @@ class StreamSlots:
 
     def release(self, identity: Identity) -> None:
         self.accountant.release(identity.sender)
+
+    @contextlib.asynccontextmanager
+    async def held(self, context, identity: Identity):
+        """One stream's slot for as long as the block runs, released however the stream ends."""
+        await self.acquire(context, identity)
+        try:
+            yield
+        finally:
+            self.release(identity)
 
     def __len__(self) -> int:
         return len(self.accountant)

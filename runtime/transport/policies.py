@@ -82,12 +82,9 @@ class PolicyHandler:
         """The full sorted list now, then after every change; ends OK when the subscriber lags."""
         t = self.t
         identity = await t.admission.require_identity(context)
-        await t.admission.streams.acquire(context, identity)
-        try:
+        async with t.admission.streams.held(context, identity):
             bell = Doorbell(t.wakeups)
             initial, sub = t.engine.policies.watch(bell.ring)
             async for frame in watch(bell, sub, _listing, first=[_listing(initial)],
                                      lagged=on_lag(context, t.engine.profile, "WatchPolicies", "changes")):
                 yield frame
-        finally:
-            t.admission.streams.release(identity)

@@ -57,8 +57,7 @@ class RegistryHandler:
         """One change notice now, then one per successful register/unregister/promote (buffer 16)."""
         t = self.t
         identity = await t.admission.require_identity(context)
-        await t.admission.streams.acquire(context, identity)
-        try:
+        async with t.admission.streams.held(context, identity):
             bell = Doorbell(t.wakeups)
             sub = t.engine.modes.changes.subscribe(bell.ring)
             if t.engine.closing.is_set():
@@ -67,5 +66,3 @@ class RegistryHandler:
             async for frame in watch(bell, sub, _changed, first=[_changed(now_ms())],
                                      lagged=on_lag(context, self.t.engine.profile, "WatchModeRegistry", "changes")):
                 yield frame
-        finally:
-            t.admission.streams.release(identity)

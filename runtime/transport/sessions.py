@@ -120,8 +120,7 @@ class MessageHandler:
             subject, item = entry
             return item if access.may_watch_signal(subject, peek, identity) else None
 
-        await t.admission.streams.acquire(context, identity)
-        try:
+        async with t.admission.streams.held(context, identity):
             bell = Doorbell(t.wakeups)
             sub = t.engine.signals.subscribe(bell.ring)
             if t.engine.closing.is_set():
@@ -130,8 +129,6 @@ class MessageHandler:
             async for frame in watch(bell, sub, render,
                                      lagged=on_lag(context, t.engine.profile, "WatchSignals", "signals")):
                 yield frame
-        finally:
-            t.admission.streams.release(identity)
 
 
 class SessionHandler:
@@ -208,8 +205,7 @@ class SessionHandler:
     async def WatchSessions(self, request, context):
         t = self.t
         identity = await t.admission.require_identity(context)
-        await t.admission.streams.acquire(context, identity)
-        try:
+        async with t.admission.streams.held(context, identity):
             await t.offload(t.engine.refresh_sessions)   # a shared store: sessions other instances hold too
             bell = Doorbell(t.wakeups)
             sub = t.engine.lifecycle.subscribe(bell.ring)   # before the snapshot: nothing can fall between
@@ -228,8 +224,6 @@ class SessionHandler:
             async for frame in watch(bell, sub, render, first,
                                      lagged=on_lag(context, t.engine.profile, "WatchSessions", "events")):
                 yield frame
-        finally:
-            t.admission.streams.release(identity)
 
 
 async def _durable_states(t, context, sessions) -> None:
