@@ -11,12 +11,13 @@ from ..registries import profile as profiles
 from ..specs.hooks.policy_rules import commitment_authority_allows
 from ..vocabulary.errors import PERMISSION_DENIED, Kind, MacpError, StatusError
 from ..vocabulary.identity import Identity
-from ..vocabulary.session import CANCELLED, EXPIRED, OPEN, SUSPENDED, TERMINAL, Session
+from ..vocabulary.session import OPEN, SUSPENDED, TERMINAL, Session
 from . import access
 from .checkpoints import CheckpointSchedule
 from .coordination import Coordination
 from .fanout import Event, Fanout
-from .records import Outcome, internal, not_found, resume
+from .records import Outcome, internal, not_found
+from .recovery import apply_lifecycle
 from .table import SessionTable
 
 log = logging.getLogger("macp_runtime.engine")
@@ -36,12 +37,16 @@ class Control:
 
     def expire(self, session: Session, now: int) -> None:
         """Under the session's lock: record its expiry and announce it."""
-        self._append(session, internal(session, "TtlExpired", b"", now))
-        session.status = EXPIRED
-        session.suspended_at_ms = None
+        self._record(session, "TtlExpired", b"", now)
         self._checkpoints.terminal(session)
         self._fanout.emit(Event.EXPIRED, session, now)
         log.info("session %s expired", session.session_id)
+
+    def _record(self, session: Session, message_type: str, payload: bytes, now: int) -> None:
+        """A lifecycle record through the commit point, then the state change replay makes of the same record."""
+        rec = internal(session, message_type, payload, now)
+        self._append(session, rec)
+        apply_lifecycle(session, rec)
 
     def lazy_expire(self, session: Session, now: int) -> None:
         """OPEN past the deadline, or SUSPENDED for more than 7 days in total -> EXPIRED (§5.6)."""
@@ -104,9 +109,7 @@ class Control:
         if session.status in TERMINAL:
             return Outcome(False, session.status)
         payload = core_pb2.SessionCancelPayload(reason=reason, cancelled_by=sender).SerializeToString()
-        self._append(session, internal(session, "SessionCancel", payload, now))
-        session.status = CANCELLED
-        session.suspended_at_ms = None
+        self._record(session, "SessionCancel", payload, now)
         self._checkpoints.terminal(session)
         self._fanout.emit(Event.CANCELLED, session, now)
         log.info("session %s cancelled by %s", session.session_id, sender)
@@ -120,9 +123,7 @@ class Control:
         if session.status != OPEN:
             raise MacpError(Kind.SessionNotOpen, detail="only an open session can be suspended")
         payload = core_pb2.SessionSuspendPayload(reason=reason, suspended_by=sender)
-        self._append(session, internal(session, "SessionSuspend", payload.SerializeToString(), now))
-        session.status = SUSPENDED
-        session.suspended_at_ms = now
+        self._record(session, "SessionSuspend", payload.SerializeToString(), now)
         self._fanout.emit(Event.SUSPENDED, session, now)
         log.info("session %s suspended by %s", session.session_id, sender)
         return Outcome(False, session.status)
@@ -139,8 +140,8 @@ class Control:
         recorded = (max(0, session.deadline_ms - session.suspended_at_ms)
                     if profiles.for_rev(session.semantics_rev).resume_records_remaining_ttl else banked)
         payload = core_pb2.SessionResumePayload(reason=reason, resumed_by=sender, banked_ms=recorded)
-        self._append(session, internal(session, "SessionResume", payload.SerializeToString(), now))
-        if resume(session, banked):
+        self._record(session, "SessionResume", payload.SerializeToString(), now)
+        if session.status == OPEN:
             self._fanout.emit(Event.RESUMED, session, now)
             log.info("session %s resumed by %s after %d ms", session.session_id, sender, banked)
             return Outcome(False, session.status)
