@@ -25,6 +25,7 @@ import os
 
 from aiohttp import web
 
+from ...vocabulary.identity import Identity
 from .events import END, Hub, sse
 from .facade import ConsoleView, NotVisible
 
@@ -43,6 +44,7 @@ SECURITY_HEADERS = {
 VIEW = web.AppKey("view", ConsoleView)
 HUB = web.AppKey("hub", Hub)
 POOL = web.AppKey("pool", concurrent.futures.ThreadPoolExecutor)
+IDENTITY = web.RequestKey("identity", Identity)   # the authenticated caller of one /api/ request
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -85,7 +87,7 @@ async def _authenticate(request: web.Request, handler):
         identity = await _off_loop(request, request.app[VIEW].identity, header)
     if identity is None:
         return _error(401, "unauthenticated: send Authorization: Bearer <token>", **{"WWW-Authenticate": "Bearer"})
-    request["identity"] = identity
+    request[IDENTITY] = identity
     return await handler(request)
 
 
@@ -99,13 +101,13 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 async def whoami(request: web.Request) -> web.Response:
-    identity = request["identity"]
+    identity = request[IDENTITY]
     return _json({"sender": identity.sender, "is_observer": identity.is_observer})
 
 
 async def sessions(request: web.Request) -> web.Response:
     view = request.app[VIEW]
-    data = await _off_loop(request, view.sessions, request["identity"], request.query.get("state", ""),
+    data = await _off_loop(request, view.sessions, request[IDENTITY], request.query.get("state", ""),
                            request.query.get("mode", ""))
     return _json(data)
 
@@ -113,7 +115,7 @@ async def sessions(request: web.Request) -> web.Response:
 async def session(request: web.Request) -> web.Response:
     try:
         data = await _off_loop(request, request.app[VIEW].session, request.match_info["session_id"],
-                               request["identity"])
+                               request[IDENTITY])
     except NotVisible:
         return _error(404, "session not found")
     return _json(data)
@@ -123,7 +125,7 @@ async def envelope(request: web.Request) -> web.Response:
     try:
         index = int(request.match_info["index"])
         data, raw = await _off_loop(request, request.app[VIEW].envelope, request.match_info["session_id"], index,
-                                    request["identity"])
+                                    request[IDENTITY])
     except (ValueError, NotVisible):
         return _error(404, "entry not found")
     if request.query.get("format") == "proto":
@@ -153,7 +155,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     falls behind gets `lagged` and the stream ends; at shutdown `bye`. At most MAX_CLIENTS streams
     are open, MAX_CLIENTS_PER_IDENTITY of them per identity (429 beyond)."""
     hub = request.app[HUB]
-    refused = hub.refusal(request["identity"])
+    refused = hub.refusal(request[IDENTITY])
     if refused is not None:
         return _error(429, refused)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
@@ -161,9 +163,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     for key, value in SECURITY_HEADERS.items():
         response.headers[key] = value
     await response.prepare(request)
-    client = hub.attach(request["identity"], request.query.get("session") or None)
+    client = hub.attach(request[IDENTITY], request.query.get("session") or None)
     try:
-        await response.write(sse("ready", {"sender": request["identity"].sender}))
+        await response.write(sse("ready", {"sender": request[IDENTITY].sender}))
         while True:
             try:
                 item = await asyncio.wait_for(client.queue.get(), KEEPALIVE_S)
