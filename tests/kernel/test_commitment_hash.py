@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from macp.v1 import core_pb2
 
 from macp_runtime.kernel import commitment_hash as ch
+from tests.support.strategies import commitment_payloads
 
 # `macp_sdk` re-exports a function named like the submodule; importlib returns the module itself.
 sdk = importlib.import_module("macp_sdk.commitment_hash")
@@ -107,18 +108,8 @@ def test_empty_wire_hashes():
     assert ch.hash_wire(b"") == VECTORS[2][2]
 
 
-text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=24)
-
-
-@st.composite
-def payloads(draw):
-    p = core_pb2.CommitmentPayload(**{name: draw(text) for name in ch.STRING_FIELDS},
-                                   outcome_positive=draw(st.booleans()))
-    if draw(st.booleans()):
-        p.supersedes.SetInParent()
-        p.supersedes.session_id = draw(text)
-        p.supersedes.commitment_hash = draw(text)
-    return p
+def payloads():
+    return commitment_payloads(max_size=24)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,21 +15,11 @@ from macp_sdk.receipt import ReceiptSigner, build_receipt, trusted_keys_from_jwk
 
 from macp_runtime.kernel import receipts
 from macp_runtime.kernel.receipt_keys import ReceiptKeys, SigningKey, parse_key_file, parse_seed_text, thumbprint
+from tests.support.strategies import commitment_payloads
 
-text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=16)
 
-
-@st.composite
-def commitments(draw):
-    p = core_pb2.CommitmentPayload(**{f: draw(text) for f in ("commitment_id", "action", "authority_scope",
-                                                              "reason", "mode_version", "policy_version",
-                                                              "configuration_version")},
-                                   outcome_positive=draw(st.booleans()))
-    if draw(st.booleans()):
-        p.supersedes.SetInParent()
-        p.supersedes.session_id = draw(text)
-        p.supersedes.commitment_hash = draw(text)
-    return p
+def commitments():
+    return commitment_payloads(max_size=16)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
