@@ -121,8 +121,7 @@ class ConsoleView:
 
     def sessions(self, identity: Identity, state: str = "", mode: str = "") -> dict:
         engine = self.engine
-        if engine.shared:   # sessions other instances started, as ListSessions sees them
-            engine.refresh_sessions()
+        engine.refresh_sessions()   # with a shared store, sessions other instances started (a no-op on one instance)
         want_state = STATE_NUMBERS.get(state.upper()) if state else None
         rows = [s for s in engine.sessions()
                 if not s.gone and self.may_read(s, identity)
@@ -133,7 +132,7 @@ class ConsoleView:
 
     def _visible(self, session_id: str, identity: Identity) -> Session:
         session = self.engine.find(session_id)
-        if session is None and self.engine.shared:
+        if session is None:   # maybe started through another instance sharing the store
             self.engine.refresh_sessions()
             session = self.engine.find(session_id)
         if session is None or not self.may_read(session, identity):
