@@ -98,6 +98,10 @@ class Store(abc.ABC):
         longer become durable. Only stores with `defers = True` implement it."""
         raise NotImplementedError(f"{type(self).__name__} does not defer appends")
 
+    def settle_via(self, call_soon_threadsafe: Callable[[Callable[[], None]], object]) -> None:
+        """Stores with `defers`: hand `append_deferred` callbacks over through `call_soon_threadsafe(fn)`,
+        one call per group commit, in log order, instead of calling them on the writing thread."""
+
     def append_many(self, records: list[LogRecord], linger: float = 0.0) -> list[int]:
         """Append several records (e.g. checkpoints of several sessions); their indices, in order.
 

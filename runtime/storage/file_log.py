@@ -35,6 +35,7 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
+from functools import partial
 from typing import Iterator, cast
 
 from .base import RecoveryReport, StorageError, Store, private_dirs, starts_incarnation
@@ -70,6 +71,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_DATA_DIR = ".macp-data"
+
+
+def _run_callbacks(entries: list[_Entry]) -> None:
+    for e in entries:
+        try:
+            e.done(e.index, e.error)
+        except Exception:   # one bad callback must not keep the others from their answer
+            log.exception("storage: a deferred append's callback failed")
 
 
 class FileLogStore(Store):
@@ -113,6 +122,7 @@ class FileLogStore(Store):
         self._flushing = False
         self._flusher: threading.Thread | None = None   # leads batches of deferred appends
         self._settling = threading.Lock()                  # deferred callbacks run one batch at a time
+        self._settle_via = None   # settle_via(): deferred callbacks are handed over through it, a batch at a time
         self._failed: str | None = None
         self._opened = False
         self._closing = False
@@ -354,14 +364,24 @@ class FileLogStore(Store):
         self._settling.acquire()   # before letting go of _cond: the next batch settles after this one
         self._cond.release()
         try:
-            for e in entries:
+            via = self._settle_via
+            if via is None:
+                _run_callbacks(entries)
+            else:
                 try:
-                    e.done(e.index, e.error)
-                except Exception:   # one bad callback must not keep the others from their answer
-                    log.exception("storage: a deferred append's callback failed")
+                    via(partial(_run_callbacks, entries))
+                except RuntimeError:   # the loop it hands over to is closed: answer here
+                    _run_callbacks(entries)
         finally:
             self._settling.release()
             self._cond.acquire()
+
+    def settle_via(self, call_soon_threadsafe) -> None:
+        """Hand each batch's deferred callbacks over as one `call_soon_threadsafe(fn)` (in log order:
+        the receiver runs them in the order handed over) instead of running them on the writing
+        thread. The transport passes its event loop's: what the callbacks wake lives there, and
+        one wakeup per batch replaces a GIL hand-over per callback."""
+        self._settle_via = call_soon_threadsafe
 
     def _write_batch(self, data: bytes) -> tuple[_Segment | None, int, str | None]:
         """Leader only, without the lock. Returns (segment, start offset, failure message or None)."""

@@ -43,7 +43,10 @@ class GrpcServer:
         self.port = 0
 
     async def start(self) -> int:
-        wakeups = Wakeups(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        wakeups = Wakeups(loop)
+        if self.engine.defers:   # group commits answer on the loop, one wakeup per batch
+            self.engine.store.settle_via(loop.call_soon_threadsafe)
         self.offload.attach(wakeups)
         self.transport = Transport(self.engine, self.admission, self.offload, wakeups)
         # Thousands of streams share one connection in some clients: no per-connection stream cap

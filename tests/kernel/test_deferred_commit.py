@@ -38,6 +38,39 @@ def test_deferred_appends_settle_in_log_order_and_are_durable_when_settled(tmp_p
     again.close()
 
 
+def test_settle_via_hands_each_batch_over_once_in_log_order(tmp_path):
+    """With settle_via (the transport passes its loop's call_soon_threadsafe), the writer runs no
+    callback itself: each group commit is handed over as one call, and running those calls in the
+    order received answers every append in log order."""
+    store = open_store(tmp_path / "d")
+    handed, writer_threads = [], set()
+    store.settle_via(lambda fn: (writer_threads.add(threading.get_ident()), handed.append(fn)))
+    settled = []
+    gate = threading.Event()
+    real_write = store._write_batch
+
+    def held(data):   # the first batch waits, so the appends made meanwhile form the second one
+        gate.wait(10)
+        return real_write(data)
+
+    store._write_batch = held
+    store.append_deferred(_record("s", 0), lambda index, error: settled.append((0, index, error)))
+    for i in range(1, 20):
+        store.append_deferred(_record("s", i), lambda index, error, i=i: settled.append((i, index, error)))
+    gate.set()
+    deadline = threading.Event()
+    while store.synced_records < 20 and not deadline.wait(0.01):
+        pass
+    assert store.synced_records == 20 and settled == []   # durable, but nothing answered on the writer
+    assert len(handed) == store.sync_count < 20            # one hand-over per group commit
+    assert threading.get_ident() not in writer_threads
+    for fn in handed:
+        fn()
+    assert settled == [(i, i, None) for i in range(20)]
+    store._write_batch = real_write
+    store.close()
+
+
 class Subscriber:
     def __init__(self):
         self.got = []
