@@ -3,6 +3,7 @@ waiting, settles in log order, and the engine delivers envelopes and answers onl
 from __future__ import annotations
 
 import threading
+import time
 
 from macp.modes.decision.v1 import decision_pb2
 
@@ -68,6 +69,45 @@ def test_settle_via_hands_each_batch_over_once_in_log_order(tmp_path):
         fn()
     assert settled == [(i, i, None) for i in range(20)]
     store._write_batch = real_write
+    store.close()
+
+
+def test_the_deferred_writer_waits_briefly_for_a_batch_like_its_last_and_never_for_a_lone_appender(tmp_path):
+    store = open_store(tmp_path / "d")
+    store.group_wait_s = 2.0   # long, so the test can see the wait (the default is 0.3 ms)
+    events = {}
+
+    def append(i):
+        events[i] = threading.Event()
+        store.append_deferred(_record("s", i), lambda index, error: events[i].set())
+
+    for i in range(3):   # one at a time: every batch holds one record, nothing to wait for
+        started = time.monotonic()
+        append(i)
+        assert events[i].wait(5) and time.monotonic() - started < 1.5
+    gate = threading.Event()
+    real_write = store._write_batch
+    store._write_batch = lambda data: (gate.wait(10), real_write(data))[1]
+    append(3)                                   # its batch is held at the write ...
+    while store._pending:
+        time.sleep(0.005)
+    for i in (4, 5, 6):                         # ... so these three queue behind it
+        append(i)
+    store._write_batch = real_write
+    gate.set()
+    assert events[6].wait(5)
+    syncs = store.sync_count
+    append(7)                                   # alone, after a batch of three: the writer waits ...
+    time.sleep(0.3)
+    assert not events[7].is_set()
+    append(8)
+    append(9)                                   # ... until the batch is as full as the last one
+    assert events[9].wait(5) and events[7].is_set()
+    assert store.sync_count == syncs + 1        # 7, 8 and 9 shared one fdatasync
+    started = time.monotonic()
+    append(10)                                  # nobody follows: it goes after group_wait_s
+    assert events[10].wait(10) and time.monotonic() - started >= 1.5
+    assert [r.message_id for r in store.history("s")] == [f"m{i}" for i in range(11)]
     store.close()
 
 
