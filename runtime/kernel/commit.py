@@ -64,6 +64,10 @@ class Pending:
             callback(error)
 
 
+class _Deferring(threading.local):
+    on = False   # a class default: a thread that never set it reads False without a failed lookup
+
+
 class CommitPoint:
     """Appends a session's records (under the session's lock) and keeps its `log_length`."""
 
@@ -72,7 +76,7 @@ class CommitPoint:
         self.metrics = metrics
         # Deferred commit: a thread that set `set_deferring(True)` appends without waiting.
         self.defers = defers
-        self._local = threading.local()
+        self._local = _Deferring()
         self._pending: dict[str, Pending] = {}   # session id -> its latest record not yet durable
         self._pending_lock = threading.Lock()
 
@@ -86,14 +90,14 @@ class CommitPoint:
 
     def deferred(self, session: Session) -> Pending | None:
         """What must follow the session's latest append waits for this, when this thread defers."""
-        if not getattr(self._local, "on", False):
+        if not self._local.on:
             return None
         pending = self._pending.get(session.session_id)
         return None if pending is None or pending.settled else pending
 
     def append(self, session: Session, record: LogRecord) -> None:
         """The commit point of a single writer: durable on return, or queued when this thread defers."""
-        if self.defers and getattr(self._local, "on", False):
+        if self.defers and self._local.on:
             return self._append_deferred(session, record)
         started = perf_counter()
         try:
