@@ -37,6 +37,17 @@ class HumanFormatter(logging.Formatter):
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = (-1, "")   # the last second formatted, and its text: strftime once a second
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        at, text = self._second
+        if at != second:
+            text = time.strftime(self.default_time_format, self.converter(second))
+            self._second = (second, text)
+        return self.default_msec_format % (text, record.msecs)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = clean(record.message, MESSAGE_MAX)
@@ -89,9 +100,16 @@ class RateLimitedLog:
 
 
 class JsonFormatter(logging.Formatter):
+    _second = (-1, "")   # the last second formatted, and its text: strftime once a second
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        at, text = self._second
+        if at != second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
         doc = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{text}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": clean(record.getMessage(), MESSAGE_MAX),
