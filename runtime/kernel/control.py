@@ -65,8 +65,6 @@ class Control:
                                                self._lookup_locked)
 
     def _lookup_locked(self, session: Session) -> Session:
-        if session.gone:
-            raise not_found(session.session_id)
         try:
             self.lazy_expire(session, self._clock())
         except MacpError:
@@ -101,8 +99,6 @@ class Control:
         return self._control(session_id, identity, "resume", self._resume, reason)
 
     def _cancel(self, session: Session, sender: str, reason: str) -> Outcome:
-        if session.gone:
-            raise not_found(session.session_id)
         now = self._clock()
         if session.status == OPEN and now > session.deadline_ms:
             self.expire(session, now)
@@ -116,8 +112,6 @@ class Control:
         return Outcome(False, session.status)
 
     def _suspend(self, session: Session, sender: str, reason: str) -> Outcome:
-        if session.gone:
-            raise not_found(session.session_id)
         now = self._clock()
         self.lazy_expire(session, now)
         if session.status != OPEN:
@@ -129,8 +123,6 @@ class Control:
         return Outcome(False, session.status)
 
     def _resume(self, session: Session, sender: str, reason: str) -> Outcome:
-        if session.gone:
-            raise not_found(session.session_id)
         if session.status != SUSPENDED:
             raise MacpError(Kind.SessionNotOpen, detail="only a suspended session can be resumed")
         now = self._clock()

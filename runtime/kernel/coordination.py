@@ -49,7 +49,8 @@ class Coordination(abc.ABC):
     @abc.abstractmethod
     def locked(self, session_id: str, session: Session | None, missing, body, *args):
         """body(session, *args) under the session's lock, against its latest state. `session` is the
-        table's entry (or None); `missing(session_id)` builds the error for an unknown id."""
+        table's entry (or None); `missing(session_id)` builds the error for an unknown id, or for one
+        that is gone by the time the lock is held (the body never sees a gone session)."""
 
     def locked_fresh(self, session_id: str, session: Session | None, missing, body, *args):
         """As `locked`, for reads that must see every record appended anywhere before the call."""
@@ -108,6 +109,8 @@ class LocalCoordination(Coordination):
         if session is None:
             raise missing(session_id)
         with session.lock:
+            if session.gone:   # removed (a failed start, eviction) while we waited for its lock
+                raise missing(session_id)
             return body(session, *args)
 
     def existing_start(self, existing: Session, message_id: str, now: int) -> tuple[Outcome | None, tuple | None]:

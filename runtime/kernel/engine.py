@@ -199,8 +199,6 @@ class Engine:
                                         self._process_locked, env, identity)
 
     def _process_locked(self, session: Session, env, identity: Identity) -> Outcome:
-        if session.gone:
-            raise unknown_session(env.session_id)
         if env.message_id in session.seen:
             return Outcome(True, session.status)
         if env.mode != session.mode:
@@ -300,8 +298,6 @@ class Engine:
                                               subscriber)
 
     def _subscribe_locked(self, session: Session, subscriber) -> list[LogRecord]:
-        if session.gone:
-            raise not_found(session.session_id)
         self.fanout.subscribe(session.session_id, subscriber)
         records = self.coordination.history(session)
         subscriber.discard_before(len(records))
@@ -313,8 +309,6 @@ class Engine:
         return self.coordination.locked_fresh(session.session_id, session, not_found, self._complete_locked)
 
     def _complete_locked(self, session: Session) -> list[LogRecord] | None:
-        if session.gone:
-            raise not_found(session.session_id)
         return self.coordination.complete_history(session)
 
     # --- start-up and shutdown -------------------------------------------------------------------------
