@@ -20,6 +20,8 @@ import uuid
 
 import pytest
 
+from .server import read_log
+
 PG_USER = "macp-pg"
 
 
@@ -102,11 +104,7 @@ class PostgresServer:
         return self
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{database}"

@@ -74,25 +74,27 @@ class ServerProcess(_Client):
             self.wait_ready()
         return self
 
+    #: How wait_ready reaches the server (a subclass serving TLS probes over TLS) and how long one try waits.
+    probe_timeout = 0.2
+
+    def probe_channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with grpc.insecure_channel(self.target) as ch:
-                    grpc.channel_ready_future(ch).result(timeout=0.2)
+                with self.probe_channel() as ch:
+                    grpc.channel_ready_future(ch).result(timeout=self.probe_timeout)
                 return
             except grpc.FutureTimeoutError:
                 continue
         raise RuntimeError(f"server did not become ready:\n{self.log()}")
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash."""
@@ -115,3 +117,12 @@ class ServerProcess(_Client):
     def restart(self) -> "ServerProcess":
         self.stop()
         return self.start()
+
+
+def read_log(path) -> str:
+    """A log file's text so far ("" when there is none yet)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
