@@ -212,6 +212,15 @@ def _wait_for(predicate, timeout=20.0):
     return False
 
 
+def _compacted(srv, sid) -> bool:
+    """WhatIfReplay of `sid` is refused as FAILED_PRECONDITION: its history's beginning is compacted away."""
+    try:
+        what_if(srv.stub(), sid, descriptor())
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+    return False
+
+
 def test_compacted_history_is_unavailable_unless_kept(server_factory, tmp_path):
     compacting = {"MACP_WAL_SEGMENT_BYTES": "4096", "MACP_COMPACT_DEAD_RATIO": "0.01"}
     srv = server_factory(env={**CURRENT, **compacting})
@@ -223,14 +232,7 @@ def test_compacted_history_is_unavailable_unless_kept(server_factory, tmp_path):
     srv.restart()   # terminal checkpoints now stand for the histories...
     srv.restart()   # ...and the compactor drops what they cover
 
-    def compacted():
-        try:
-            what_if(srv.stub(), sids[0], descriptor())
-        except grpc.RpcError as exc:
-            return exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-        return False
-
-    assert _wait_for(compacted)
+    assert _wait_for(lambda: _compacted(srv, sids[0]))
     code, details, macp_code = refusal(lambda: what_if(srv.stub(), sids[0], descriptor()))
     assert (code, macp_code) == (grpc.StatusCode.FAILED_PRECONDITION, "HISTORY_UNAVAILABLE")
     assert details == ("HISTORY_UNAVAILABLE: session history before ordinal 6 was compacted; "
@@ -314,14 +316,7 @@ def test_history_retention_keeps_histories_replayable_for_a_while(server_factory
     time.sleep(max(0.0, ended + retention + 1 - time.monotonic()))
     srv.restart()   # compaction at start: the retention has passed
 
-    def compacted():
-        try:
-            what_if(srv.stub(), sids[0], descriptor())
-        except grpc.RpcError as exc:
-            return exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-        return False
-
-    assert _wait_for(compacted)
+    assert _wait_for(lambda: _compacted(srv, sids[0]))
 
 
 def test_task_under_a_require_output_candidate(runtime_server):
@@ -413,20 +408,13 @@ def test_recorded_lifecycle_records_are_replayed_where_they_happened(runtime_ser
 def test_a_recorded_implicit_accept_is_replayed_as_the_record_it_is(inprocess_factory):
     """current.md §15.3: a runtime-written implicit HandoffAccept is an entry like any other and is
     applied in both replays (no new synthetic accept is generated)."""
-    from macp_sdk import HandoffSession
-    from macp_sdk.policy import HandoffAcceptanceRules, build_handoff_policy
+    from tests.support.sdk import implicit_handoff_policy, offer_past_its_implicit_accept
 
     srv = inprocess_factory(env=CURRENT)
     coord = AuthConfig.for_dev_agent("coord")
-    policy = build_handoff_policy("handoff.implicit", "", acceptance=HandoffAcceptanceRules(
-        implicit_accept_timeout_ms=300))
+    policy = implicit_handoff_policy()
     with MacpClient(target=srv.target, allow_insecure=True, auth=coord, default_timeout=10) as client:
-        assert client.register_policy(policy, auth=AuthConfig.for_dev_agent("admin")).ok
-        session = HandoffSession(client, auth=coord, policy_version="handoff.implicit")
-        assert session.start(intent="hand over", participants=["coord", "alice"], ttl_ms=60_000).ok
-        assert session.offer("h1", "alice", scope="on-call").ok
-        time.sleep(0.45)
-        assert session.add_context("h1", content_type="text/plain", context=b"runbook").ok   # the trigger
+        session = offer_past_its_implicit_accept(client, coord, policy)
         assert session.commit(action="handoff.accepted", authority_scope="on-call", reason="implicit").ok
         response = client.what_if_replay(session.session_id, policy, auth=AuthConfig.for_dev_agent("alice"))
         receipt = client.get_decision_receipt(session.session_id).receipt
