@@ -6,6 +6,7 @@ a test module imports it by name to use it."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 from macp.v1 import core_pb2, envelope_pb2
@@ -46,3 +47,26 @@ def metadata_reader(server, default_who: str):
 def client(runtime_server):
     with sdk_client(runtime_server) as c:
         yield c
+
+
+def implicit_handoff_policy():
+    """A handoff policy (`handoff.implicit`) whose offers are accepted implicitly after 300 ms."""
+    from macp_sdk.policy import HandoffAcceptanceRules, build_handoff_policy
+
+    return build_handoff_policy("handoff.implicit", "", acceptance=HandoffAcceptanceRules(
+        implicit_accept_timeout_ms=300))
+
+
+def offer_past_its_implicit_accept(client: MacpClient, coord: AuthConfig, policy):
+    """Register `policy` (implicit_handoff_policy()), start a handoff coord -> alice under it, offer h1,
+    let the 300 ms pass and send the message that triggers the runtime's recorded implicit accept.
+    Returns the HandoffSession."""
+    from macp_sdk import HandoffSession
+
+    assert client.register_policy(policy, auth=ADMIN).ok
+    session = HandoffSession(client, auth=coord, policy_version="handoff.implicit")
+    assert session.start(intent="hand over", participants=["coord", "alice"], ttl_ms=60_000).ok
+    assert session.offer("h1", "alice", scope="on-call").ok
+    time.sleep(0.45)
+    assert session.add_context("h1", content_type="text/plain", context=b"runbook").ok   # the trigger
+    return session

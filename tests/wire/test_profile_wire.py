@@ -285,21 +285,14 @@ def test_list_sessions_pages_by_session_id(inprocess_factory):
 # --- Handoff implicit accept, recorded by the runtime (current.md §12.4) --------------------------
 
 def test_a_timed_out_offer_is_accepted_by_a_recorded_runtime_handoff_accept(server_factory):
-    from macp_sdk import AuthConfig, HandoffSession, MacpClient
-    from macp_sdk.policy import HandoffAcceptanceRules, build_handoff_policy
+    from macp_sdk import AuthConfig, MacpClient
+    from tests.support.sdk import implicit_handoff_policy, offer_past_its_implicit_accept
     from tests.support.streamkit import Duplex
 
     srv = server_factory(env=CURRENT)
     coord = AuthConfig.for_dev_agent("coord")
     with MacpClient(target=srv.target, allow_insecure=True, auth=coord, default_timeout=10) as client:
-        policy = build_handoff_policy("handoff.implicit", "", acceptance=HandoffAcceptanceRules(
-            implicit_accept_timeout_ms=300))
-        assert client.register_policy(policy, auth=AuthConfig.for_dev_agent("admin")).ok
-        session = HandoffSession(client, auth=coord, policy_version="handoff.implicit")
-        assert session.start(intent="hand over", participants=["coord", "alice"], ttl_ms=60_000).ok
-        assert session.offer("h1", "alice", scope="on-call").ok
-        time.sleep(0.45)
-        assert session.add_context("h1", content_type="text/plain", context=b"runbook").ok   # the trigger
+        session = offer_past_its_implicit_accept(client, coord, implicit_handoff_policy())
         stub = srv.stub()
         d = Duplex(stub, "coord").subscribe(session.session_id)
         got = [r.envelope for r in d.recv_n(4)]
