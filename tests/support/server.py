@@ -67,12 +67,16 @@ class ServerProcess(_Client):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MACP_")}
         env.update(SERVER_ENV, MACP_BIND_ADDR=self.target, MACP_DATA_DIR=self.data_dir)
         env.update(self.extra_env)
-        self._log = open(self.log_path, "ab")
+        self._log = self.output()
         self.proc = subprocess.Popen([sys.executable, "-m", "macp_runtime", "serve", *self.args],
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         if wait:
             self.wait_ready()
         return self
+
+    def output(self):
+        """Where the server's stdout and stderr go: its log file (a test may hand it a pipe instead)."""
+        return open(self.log_path, "ab")
 
     #: How wait_ready reaches the server (a subclass serving TLS probes over TLS) and how long one try waits.
     probe_timeout = 0.2
