@@ -14,7 +14,8 @@ from macp_runtime.registries.policies import PolicyRegistry
 from macp_runtime.vocabulary.errors import Kind, MacpError
 from macp_runtime.vocabulary.session import OPEN, RESOLVED
 
-from tests.kernel.test_coordination import _MODES, ALICE, COORD, Clock, Sub, env, proposal, start_env
+from tests.kernel.test_coordination import _MODES, ALICE, COORD, Clock, env, proposal, start_env
+from tests.support.streamkit import RecordingSubscriber
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_the_bus_wakes_the_instance_that_watches_a_session(pg_url, pair):
     a, b = pair
     sid = str(uuid.uuid4())
     a.start_session(start_env(sid), COORD)
-    sub = Sub()
+    sub = RecordingSubscriber()
     b.subscribe_with_history(b.lookup(sid), sub)
     bus = PostgresBus(pg_url, b.store, b.store.documents(), {})
     bus.start(b.coordination)

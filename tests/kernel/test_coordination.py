@@ -21,6 +21,7 @@ from macp_runtime.registries.policies import PolicyRegistry
 from macp_runtime.storage import MemoryStore
 from macp_runtime.vocabulary.errors import Kind, MacpError, StatusError
 from macp_runtime.vocabulary.session import CANCELLED, EXPIRED, OPEN
+from tests.support.streamkit import RecordingSubscriber
 
 MODE = "macp.mode.decision.v1"
 T0 = 1_700_000_000_000
@@ -49,18 +50,6 @@ def start_env(sid, ttl=60_000, message_id=None):
 
 def proposal(sid, pid="p1", message_id=None):
     return env(sid, "Proposal", decision_pb2.ProposalPayload(proposal_id=pid, option="o"), message_id)
-
-
-class Sub:
-    def __init__(self):
-        self.got = []
-
-    def offer(self, index, item):
-        self.got.append((index, item.envelope.message_type))
-        return True
-
-    def discard_before(self, n):
-        pass
 
 
 @pytest.fixture(params=["local", "shared"])
@@ -97,7 +86,7 @@ def test_both_coordinations_answer_a_single_instance_alike(engine):
         engine.start_session(start_env(sid), COORD)                       # another start of the id
     assert err.value.kind is Kind.SessionAlreadyExists
 
-    sub = Sub()
+    sub = RecordingSubscriber()
     history = engine.subscribe_with_history(engine.lookup(sid), sub)
     assert [r.message_type for r in history] == ["SessionStart"]
     message = proposal(sid)

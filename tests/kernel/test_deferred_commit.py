@@ -9,6 +9,7 @@ from macp.modes.decision.v1 import decision_pb2
 
 from tests.kernel.test_checkpoints import COORD, engine_on, env, open_store, proposal, start
 from macp_runtime.storage.records_pb2 import ENTRY_KIND_INCOMING, LogRecord
+from tests.support.streamkit import RecordingSubscriber
 
 
 def _record(sid, i):
@@ -111,23 +112,11 @@ def test_the_deferred_writer_waits_briefly_for_a_batch_like_its_last_and_never_f
     store.close()
 
 
-class Subscriber:
-    def __init__(self):
-        self.got = []
-
-    def offer(self, index, item):
-        self.got.append((index, item.envelope.message_type))
-        return True
-
-    def discard_before(self, index):
-        pass
-
-
 def test_a_deferring_caller_moves_on_at_once_and_delivers_once_durable(tmp_path):
     store = open_store(tmp_path / "d")
     engine = engine_on(store)
     sid = start(engine)
-    sub = Subscriber()
+    sub = RecordingSubscriber()
     engine.subscribe(sid, sub)
     gate = threading.Event()
     real_write = store._write_batch

@@ -145,3 +145,20 @@ def inline(resp) -> envelope_pb2.MACPError:
     """The inline error frame a response must be."""
     assert resp.HasField("error"), resp
     return resp.error
+
+
+# --- in-process: what the kernel's fan-out offers a subscriber -------------------------------------
+
+class RecordingSubscriber:
+    """A fan-out subscriber (offer / discard_before) that records (log index, message type) of each
+    envelope it is offered and never falls behind."""
+
+    def __init__(self):
+        self.got = []
+
+    def offer(self, index, item):
+        self.got.append((index, item.envelope.message_type))
+        return True
+
+    def discard_before(self, index):
+        pass
