@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import select
+import stat
 import sys
 import threading
 import time
@@ -147,6 +148,10 @@ class LineWriter(logging.Handler):
         super().__init__()
         self.fd = fd
         self.capacity = capacity
+        try:   # a regular file never makes a writer wait for a reader: no poll() per line
+            self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            self._regular = False
         self._poll = select.poll()
         self._poll.register(fd, select.POLLOUT)
         self._cond = threading.Condition(threading.Lock())
@@ -164,7 +169,8 @@ class LineWriter(logging.Handler):
             self.handleError(record)
             return
         with self._cond:
-            if not self._backlog and not self._busy and len(data) <= select.PIPE_BUF and self._poll.poll(0):
+            if not self._backlog and not self._busy and (
+                    self._regular or (len(data) <= select.PIPE_BUF and self._poll.poll(0))):
                 try:
                     written = os.write(self.fd, data)
                 except OSError:   # the output is gone (EPIPE, EBADF): nothing can be told about it
