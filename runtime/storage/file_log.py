@@ -85,8 +85,10 @@ class FileLogStore(Store):
     durable = True
     defers = True
     counts_syncs = True
-    #: Longest wait of the deferred writer for its batch to fill (see _flush_deferred).
-    group_wait_s = 0.0003
+    #: Longest wait of the deferred writer for its batch to fill (see _flush_deferred) ...
+    group_wait_s = 0.010
+    #: ... and the longest pause between two arrivals during that wait.
+    group_gap_s = 0.001
 
     def __init__(
         self,
@@ -296,21 +298,16 @@ class FileLogStore(Store):
     def _flush_deferred(self) -> None:
         """Leads batches for deferred appends (nobody else waits for them).
 
-        Under load it waits a moment (at most `group_wait_s`) for as many records as its previous batch
-        held: each fdatasync and each hand-over to the loop then answers more appends (2.0-2.7 records
-        per fdatasync became 2.4-3.8 under 8-64 closed-loop clients, 3-10 % less CPU per message). A lone
+        Under load it waits for as many records as its previous batch held (`_gather`): every
+        fdatasync costs the server CPU (and a hand-over to the loop), whatever the batch holds, and
+        this server is CPU-bound under load, so fewer, fuller batches answer more appends. A lone
         appender is never held: its batches hold one record, so there is nothing to wait for."""
         with self._cond:
             last, waited = 0, False
             while not self._closed:
                 if self._pending and not self._flushing:
                     if not waited and last > len(self._pending):
-                        until = time.monotonic() + self.group_wait_s
-                        while len(self._pending) < last and not self._closed:
-                            left = until - time.monotonic()
-                            if left <= 0:
-                                break
-                            self._cond.wait(left)
+                        self._gather(last)
                         waited = True
                         continue   # look again: a blocking appender may have led a batch meanwhile
                     waited = False
@@ -318,6 +315,27 @@ class FileLogStore(Store):
                     self._lead_one_batch()
                 else:
                     self._cond.wait()
+
+    def _gather(self, want: int) -> None:
+        """Wait (with _cond held) until `want` records are pending, for at most `group_wait_s`, and
+        only while they keep coming: a pause of `group_gap_s` without an arrival ends the wait.
+        Measured (closed-loop clients, 2 x 4 and 2 x 32): waiting for the count alone, a longer
+        wait fills batches under a steady stream of arrivals but holds a whole batch for one slow
+        client; the pause rule lets the batch go when the arrivals stop."""
+        now = time.monotonic()
+        until = now + self.group_wait_s
+        seen, heard = len(self._pending), now
+        while not self._closed:
+            count = len(self._pending)
+            if count >= want:
+                return
+            if count > seen:
+                seen, heard = count, now
+            left = min(until, heard + self.group_gap_s) - now
+            if left <= 0:
+                return
+            self._cond.wait(left)
+            now = time.monotonic()
 
     def _check_usable(self) -> None:
         if not self._opened:

@@ -75,7 +75,8 @@ def test_settle_via_hands_each_batch_over_once_in_log_order(tmp_path):
 
 def test_the_deferred_writer_waits_briefly_for_a_batch_like_its_last_and_never_for_a_lone_appender(tmp_path):
     store = open_store(tmp_path / "d")
-    store.group_wait_s = 2.0   # long, so the test can see the wait (the default is 0.3 ms)
+    store.group_wait_s = 2.0   # long, so the test can see the wait (the default is 10 ms) ...
+    store.group_gap_s = 2.0    # ... and no pause between arrivals cuts it short here
     events = {}
 
     def append(i):
@@ -109,6 +110,63 @@ def test_the_deferred_writer_waits_briefly_for_a_batch_like_its_last_and_never_f
     append(10)                                  # nobody follows: it goes after group_wait_s
     assert events[10].wait(10) and time.monotonic() - started >= 1.5
     assert [r.message_id for r in store.history("s")] == [f"m{i}" for i in range(11)]
+    store.close()
+
+
+def _hold_a_batch_of_three(store, append, events) -> None:
+    gate = threading.Event()
+    real_write = store._write_batch
+    store._write_batch = lambda data: (gate.wait(10), real_write(data))[1]
+    append(0)                                   # its batch is held at the write ...
+    while store._pending:
+        time.sleep(0.005)
+    for i in (1, 2, 3):                         # ... so these three queue behind it
+        append(i)
+    store._write_batch = real_write
+    gate.set()
+    assert events[3].wait(5)
+
+
+def test_the_deferred_writer_stops_waiting_when_arrivals_pause(tmp_path):
+    store = open_store(tmp_path / "d")
+    store.group_wait_s = 30.0
+    store.group_gap_s = 0.5
+    events = {}
+
+    def append(i):
+        events[i] = threading.Event()
+        store.append_deferred(_record("s", i), lambda index, error: events[i].set())
+
+    _hold_a_batch_of_three(store, append, events)
+    syncs = store.sync_count
+    started = time.monotonic()
+    append(4)                                   # the writer waits for two more ...
+    time.sleep(0.2)
+    append(5)                                   # ... one comes: the pause starts again
+    assert not events[4].wait(0.2)              # 0.4 s in: 5 came 0.2 s ago, so still waiting
+    assert events[5].wait(10)                   # nothing more: the batch goes after the pause
+    waited = time.monotonic() - started
+    assert events[4].is_set() and 0.6 <= waited < 10
+    assert store.sync_count == syncs + 1        # 4 and 5 shared one fdatasync
+    assert [r.message_id for r in store.history("s")] == [f"m{i}" for i in range(6)]
+    store.close()
+
+
+def test_the_deferred_writer_waits_no_longer_than_group_wait(tmp_path):
+    store = open_store(tmp_path / "d")
+    store.group_wait_s = 0.6
+    store.group_gap_s = 30.0
+    events = {}
+
+    def append(i):
+        events[i] = threading.Event()
+        store.append_deferred(_record("s", i), lambda index, error: events[i].set())
+
+    _hold_a_batch_of_three(store, append, events)
+    started = time.monotonic()
+    append(4)                                   # alone after a batch of three, and nobody follows
+    assert events[4].wait(10)
+    assert 0.5 <= time.monotonic() - started < 10
     store.close()
 
 
