@@ -73,31 +73,44 @@ def test_settle_via_hands_each_batch_over_once_in_log_order(tmp_path):
     store.close()
 
 
+class _Appends:
+    """append(i) queues record i of session "s" (append_deferred); events[i] is set once it is durable."""
+
+    def __init__(self, store):
+        self.store = store
+        self.events: dict[int, threading.Event] = {}
+
+    def __call__(self, i: int) -> None:
+        done = self.events[i] = threading.Event()
+        self.store.append_deferred(_record("s", i), lambda index, error: done.set())
+
+    def batch_of_three_after(self, first: int) -> None:
+        """Record `first` is held at its write while the next three queue behind it: the writer's
+        last batch then holds three."""
+        store, gate = self.store, threading.Event()
+        real_write = store._write_batch
+        store._write_batch = lambda data: (gate.wait(10), real_write(data))[1]
+        self(first)                                 # its batch is held at the write ...
+        while store._pending:
+            time.sleep(0.005)
+        for i in range(first + 1, first + 4):       # ... so these three queue behind it
+            self(i)
+        store._write_batch = real_write
+        gate.set()
+        assert self.events[first + 3].wait(5)
+
+
 def test_the_deferred_writer_waits_briefly_for_a_batch_like_its_last_and_never_for_a_lone_appender(tmp_path):
     store = open_store(tmp_path / "d")
     store.group_wait_s = 2.0   # long, so the test can see the wait (the default is 10 ms) ...
     store.group_gap_s = 2.0    # ... and no pause between arrivals cuts it short here
-    events = {}
-
-    def append(i):
-        events[i] = threading.Event()
-        store.append_deferred(_record("s", i), lambda index, error: events[i].set())
-
+    append = _Appends(store)
+    events = append.events
     for i in range(3):   # one at a time: every batch holds one record, nothing to wait for
         started = time.monotonic()
         append(i)
         assert events[i].wait(5) and time.monotonic() - started < 1.5
-    gate = threading.Event()
-    real_write = store._write_batch
-    store._write_batch = lambda data: (gate.wait(10), real_write(data))[1]
-    append(3)                                   # its batch is held at the write ...
-    while store._pending:
-        time.sleep(0.005)
-    for i in (4, 5, 6):                         # ... so these three queue behind it
-        append(i)
-    store._write_batch = real_write
-    gate.set()
-    assert events[6].wait(5)
+    append.batch_of_three_after(3)
     syncs = store.sync_count
     append(7)                                   # alone, after a batch of three: the writer waits ...
     time.sleep(0.3)
@@ -113,31 +126,13 @@ def test_the_deferred_writer_waits_briefly_for_a_batch_like_its_last_and_never_f
     store.close()
 
 
-def _hold_a_batch_of_three(store, append, events) -> None:
-    gate = threading.Event()
-    real_write = store._write_batch
-    store._write_batch = lambda data: (gate.wait(10), real_write(data))[1]
-    append(0)                                   # its batch is held at the write ...
-    while store._pending:
-        time.sleep(0.005)
-    for i in (1, 2, 3):                         # ... so these three queue behind it
-        append(i)
-    store._write_batch = real_write
-    gate.set()
-    assert events[3].wait(5)
-
-
 def test_the_deferred_writer_stops_waiting_when_arrivals_pause(tmp_path):
     store = open_store(tmp_path / "d")
     store.group_wait_s = 30.0
     store.group_gap_s = 0.5
-    events = {}
-
-    def append(i):
-        events[i] = threading.Event()
-        store.append_deferred(_record("s", i), lambda index, error: events[i].set())
-
-    _hold_a_batch_of_three(store, append, events)
+    append = _Appends(store)
+    events = append.events
+    append.batch_of_three_after(0)
     syncs = store.sync_count
     started = time.monotonic()
     append(4)                                   # the writer waits for two more ...
@@ -156,16 +151,11 @@ def test_the_deferred_writer_waits_no_longer_than_group_wait(tmp_path):
     store = open_store(tmp_path / "d")
     store.group_wait_s = 0.6
     store.group_gap_s = 30.0
-    events = {}
-
-    def append(i):
-        events[i] = threading.Event()
-        store.append_deferred(_record("s", i), lambda index, error: events[i].set())
-
-    _hold_a_batch_of_three(store, append, events)
+    append = _Appends(store)
+    append.batch_of_three_after(0)
     started = time.monotonic()
     append(4)                                   # alone after a batch of three, and nobody follows
-    assert events[4].wait(10)
+    assert append.events[4].wait(10)
     assert 0.5 <= time.monotonic() - started < 10
     store.close()
 
