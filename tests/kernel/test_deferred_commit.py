@@ -80,6 +80,12 @@ class _Appends:
         self.store = store
         self.events: dict[int, threading.Event] = {}
 
+    @classmethod
+    def on_new_store(cls, path, *, wait: float, gap: float) -> _Appends:
+        store = open_store(path)
+        store.group_wait_s, store.group_gap_s = wait, gap
+        return cls(store)
+
     def __call__(self, i: int) -> None:
         done = self.events[i] = threading.Event()
         self.store.append_deferred(_record("s", i), lambda index, error: done.set())
@@ -101,11 +107,9 @@ class _Appends:
 
 
 def test_the_deferred_writer_waits_briefly_for_a_batch_like_its_last_and_never_for_a_lone_appender(tmp_path):
-    store = open_store(tmp_path / "d")
-    store.group_wait_s = 2.0   # long, so the test can see the wait (the default is 10 ms) ...
-    store.group_gap_s = 2.0    # ... and no pause between arrivals cuts it short here
-    append = _Appends(store)
-    events = append.events
+    # long, so the test can see the wait (the default is 10 ms), and no pause cuts it short here
+    append = _Appends.on_new_store(tmp_path / "d", wait=2.0, gap=2.0)
+    store, events = append.store, append.events
     for i in range(3):   # one at a time: every batch holds one record, nothing to wait for
         started = time.monotonic()
         append(i)
@@ -127,11 +131,8 @@ def test_the_deferred_writer_waits_briefly_for_a_batch_like_its_last_and_never_f
 
 
 def test_the_deferred_writer_stops_waiting_when_arrivals_pause(tmp_path):
-    store = open_store(tmp_path / "d")
-    store.group_wait_s = 30.0
-    store.group_gap_s = 0.5
-    append = _Appends(store)
-    events = append.events
+    append = _Appends.on_new_store(tmp_path / "d", wait=30.0, gap=0.5)
+    store, events = append.store, append.events
     append.batch_of_three_after(0)
     syncs = store.sync_count
     started = time.monotonic()
@@ -148,16 +149,13 @@ def test_the_deferred_writer_stops_waiting_when_arrivals_pause(tmp_path):
 
 
 def test_the_deferred_writer_waits_no_longer_than_group_wait(tmp_path):
-    store = open_store(tmp_path / "d")
-    store.group_wait_s = 0.6
-    store.group_gap_s = 30.0
-    append = _Appends(store)
+    append = _Appends.on_new_store(tmp_path / "d", wait=0.6, gap=30.0)
     append.batch_of_three_after(0)
     started = time.monotonic()
     append(4)                                   # alone after a batch of three, and nobody follows
     assert append.events[4].wait(10)
     assert 0.5 <= time.monotonic() - started < 10
-    store.close()
+    append.store.close()
 
 
 def test_a_deferring_caller_moves_on_at_once_and_delivers_once_durable(tmp_path):
