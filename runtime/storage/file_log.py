@@ -31,6 +31,7 @@ import errno
 import fcntl
 import logging
 import os
+import sys
 import threading
 import time
 from array import array
@@ -302,36 +303,41 @@ class FileLogStore(Store):
     def _flush_deferred(self) -> None:
         """Leads batches for deferred appends (nobody else waits for them).
 
-        Under load it waits for as many records as its previous batch held (`_gather`): every
-        fdatasync costs the server CPU (and a hand-over to the loop), whatever the batch holds, and
-        this server is CPU-bound under load, so fewer, fuller batches answer more appends. A lone
-        appender is never held: its batches hold one record, so there is nothing to wait for."""
+        Under load it gathers before it writes (`_gather`): every fdatasync costs the server CPU
+        (and a hand-over to the loop), whatever the batch holds, and this server is CPU-bound under
+        load, so fewer, fuller batches answer more appends. It waits for as many records as its
+        previous batch held; but when records arrived while that batch was written, more callers
+        are cycling than one batch held, and it waits until the arrivals pause instead, so their
+        groups merge into one batch (2 x 32 closed-loop clients: ~10 records per fdatasync became
+        ~20, and the server's CPU per message fell by 7-16 %). A lone appender is never held: its
+        batches hold one record, so there is nothing to wait for."""
         with self._cond:
-            last, waited = 0, False
+            last, behind, waited = 0, False, False
             while not self._closed:
                 if self._pending and not self._flushing:
-                    if not waited and last > len(self._pending):
-                        self._gather(last)
+                    if not waited and last > 1 and (behind or last > len(self._pending)):
+                        self._gather(None if behind else last)
                         waited = True
                         continue   # look again: a blocking appender may have led a batch meanwhile
                     waited = False
                     last = len(self._pending)
                     self._lead_one_batch()
+                    behind = bool(self._pending)
                 else:
                     self._cond.wait()
 
-    def _gather(self, want: int) -> None:
-        """Wait (with _cond held) until `want` records are pending, for at most `group_wait_s`, and
-        only while they keep coming: a pause of `group_gap_s` without an arrival ends the wait.
-        Measured (closed-loop clients, 2 x 4 and 2 x 32): waiting for the count alone, a longer
-        wait fills batches under a steady stream of arrivals but holds a whole batch for one slow
-        client; the pause rule lets the batch go when the arrivals stop. Only the `want`-th record
-        wakes this thread: the others leave their time in `_arrived`, read when a timeout ends."""
+    def _gather(self, want: int | None) -> None:
+        """Wait (with _cond held) until `want` records are pending (None: no count), for at most
+        `group_wait_s`, and only while they keep coming: a pause of `group_gap_s` without an arrival
+        ends the wait. Measured (closed-loop clients, 2 x 4 and 2 x 32): waiting for the count alone,
+        a longer wait fills batches under a steady stream of arrivals but holds a whole batch for
+        one slow client; the pause rule lets the batch go when the arrivals stop. Only the `want`-th
+        record wakes this thread: the others leave their time in `_arrived`, read when a timeout ends."""
         started = time.monotonic()
         until = started + self.group_wait_s
-        self._wake_at = want
+        self._wake_at = sys.maxsize if want is None else want
         try:
-            while not self._closed and len(self._pending) < want:
+            while not self._closed and len(self._pending) < self._wake_at:
                 heard = max(self._arrived, started)   # the latest arrival, or the start of the wait
                 left = min(until, heard + self.group_gap_s) - time.monotonic()
                 if left <= 0:

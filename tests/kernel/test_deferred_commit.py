@@ -90,19 +90,33 @@ class _Appends:
         done = self.events[i] = threading.Event()
         self.store.append_deferred(_record("s", i), lambda index, error: done.set())
 
-    def batch_of_three_after(self, first: int) -> None:
+    def batch_of_three_after(self, first: int, meanwhile: tuple[int, ...] = ()) -> None:
         """Record `first` is held at its write while the next three queue behind it: the writer's
-        last batch then holds three."""
-        store, gate = self.store, threading.Event()
+        last batch then holds three. The records `meanwhile` arrive while those three are written."""
+        store, gates = self.store, []
         real_write = store._write_batch
-        store._write_batch = lambda data: (gate.wait(10), real_write(data))[1]
+
+        def held(data):
+            gate = threading.Event()
+            gates.append(gate)
+            gate.wait(10)
+            return real_write(data)
+
+        def writing(batches: int) -> None:   # until that many batches have reached the write
+            while len(gates) < batches:
+                time.sleep(0.005)
+
+        store._write_batch = held
         self(first)                                 # its batch is held at the write ...
-        while store._pending:
-            time.sleep(0.005)
+        writing(1)
         for i in range(first + 1, first + 4):       # ... so these three queue behind it
             self(i)
+        gates[0].set()
+        writing(2)
+        for i in meanwhile:
+            self(i)
         store._write_batch = real_write
-        gate.set()
+        gates[1].set()
         assert self.events[first + 3].wait(5)
 
 
@@ -145,6 +159,25 @@ def test_the_deferred_writer_stops_waiting_when_arrivals_pause(tmp_path):
     assert events[4].is_set() and 0.6 <= waited < 10
     assert store.sync_count == syncs + 1        # 4 and 5 shared one fdatasync
     assert [r.message_id for r in store.history("s")] == [f"m{i}" for i in range(6)]
+    store.close()
+
+
+def test_arrivals_during_a_write_make_the_writer_wait_for_a_pause_not_for_the_count(tmp_path):
+    """A record that arrives while a batch is written shows more callers cycling than that batch
+    held: the writer then gathers until the arrivals pause, so their groups share one fdatasync."""
+    append = _Appends.on_new_store(tmp_path / "d", wait=30.0, gap=1.0)
+    store, events = append.store, append.events
+    append.batch_of_three_after(0, meanwhile=(4,))   # 4 arrives while 1, 2 and 3 are written
+    syncs = store.sync_count
+    for i in (5, 6):
+        time.sleep(0.2)
+        append(i)                                   # 4, 5, 6: as many as the last batch held ...
+    assert not events[4].wait(0.3)                  # ... yet the writer waits on
+    append(7)
+    assert events[7].wait(10)                       # nothing more: the batch goes after the pause
+    assert all(events[i].is_set() for i in (4, 5, 6))
+    assert store.sync_count == syncs + 1            # 4 to 7 shared one fdatasync
+    assert [r.message_id for r in store.history("s")] == [f"m{i}" for i in range(8)]
     store.close()
 
 
