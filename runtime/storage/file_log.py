@@ -335,9 +335,9 @@ class FileLogStore(Store):
         record wakes this thread: the others leave their time in `_arrived`, read when a timeout ends."""
         started = time.monotonic()
         until = started + self.group_wait_s
-        self._wake_at = sys.maxsize if want is None else want
+        goal = self._wake_at = sys.maxsize if want is None else want
         try:
-            while not self._closed and len(self._pending) < self._wake_at:
+            while not self._closed and len(self._pending) < goal:
                 heard = max(self._arrived, started)   # the latest arrival, or the start of the wait
                 left = min(until, heard + self.group_gap_s) - time.monotonic()
                 if left <= 0:
